@@ -1,0 +1,109 @@
+"""Training recipes: build the pieces a :class:`RunConfig` names and hand them to the one trainer.
+
+Stage 1 (``task: vae``) trains the Text VAE on reconstruction + KL + BERT losses. A run folder
+looks like::
+
+    runs/vae_tiny/
+      config.yaml                      # the resolved RunConfig
+      tokenizer/                       # save_pretrained of the (trained or loaded) tokenizer
+      checkpoints/step_0001500/        # accelerate state + trainer_state.json + model/
+        model/{text_vae,tokenizer}/    # a loadable export of that step
+      logs/                            # tensorboard
+
+``resolve_export(path)`` turns a run folder (its newest checkpoint) or an export folder into the
+folder that holds ``text_vae/`` and ``tokenizer/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from prior.run_config import RunConfig
+from prior.trainer import LossOutput, Trainer, TrainResult
+from unimodal.config import ConfigError, to_yaml
+from unimodal.text_data import build_text_datasets, load_documents
+from unimodal.text_vae import TextVAE
+from unimodal.tokenization import build_tokenizer, load_tokenizer, model_vocab_size
+
+
+def prepare_tokenizer(cfg: RunConfig, run_dir: Path) -> PreTrainedTokenizerFast:
+    """The run's tokenizer: reuse ``run_dir/tokenizer`` when resuming, else load or train one."""
+    saved = run_dir / "tokenizer"
+    if cfg.train.resume and saved.is_dir():
+        return load_tokenizer(saved)
+    train_texts = None
+    if cfg.tokenizer.name_or_path is None:
+        train_texts, _ = load_documents(cfg.data)
+    return build_tokenizer(cfg.tokenizer, train_texts)
+
+
+def _checked_vae_kwargs(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast) -> dict:
+    kwargs = dataclasses.asdict(cfg.vae)
+    vocab = model_vocab_size(tokenizer)
+    if kwargs["vocab_size"] != vocab:
+        raise ConfigError(f"vae.vocab_size={kwargs['vocab_size']} but the tokenizer has {vocab} tokens")
+    if cfg.data.seq_len > kwargs["max_seq_len"]:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds vae.max_seq_len={kwargs['max_seq_len']}")
+    return kwargs
+
+
+def vae_loss_fn(model: TextVAE, batch: dict[str, torch.Tensor], step: int) -> LossOutput:
+    """Stage-1 objective: reconstruction CE + kl_weight * KL + bert_weight * BERT loss."""
+    out = model.loss(batch["input_ids"], batch.get("valid"))
+    logs = {"recon": out.recon_loss, "kl": out.kl, "bert": out.bert_loss, "acc": out.accuracy}
+    return LossOutput(loss=out.loss, logs=logs, num_tokens=batch["input_ids"].numel())
+
+
+def save_vae_export(model: TextVAE, tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> None:
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir / "text_vae")
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+
+
+def train_text_vae(cfg: RunConfig) -> TrainResult:
+    """Stage 1: train the Text VAE described by ``cfg`` and return the trainer's result."""
+    run_dir = Path(cfg.train.output_dir)
+    tokenizer = prepare_tokenizer(cfg, run_dir)
+    vae_kwargs = _checked_vae_kwargs(cfg, tokenizer)
+    train_ds, val_ds = build_text_datasets(cfg.data, tokenizer)
+    torch.manual_seed(cfg.train.seed)
+    model = TextVAE(**vae_kwargs)
+    trainer = Trainer(
+        model,
+        vae_loss_fn,
+        train_ds,
+        val_ds if len(val_ds) else None,
+        cfg.train,
+        save_model_fn=lambda m, d: save_vae_export(m, tokenizer, d),
+    )
+    # The trainer has validated the output folder (nothing is overwritten); now record the run.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(run_dir / "tokenizer")
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    print(
+        f"Text VAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+        f"data: {len(train_ds)} train rows x {cfg.data.seq_len} tokens, {len(val_ds)} validation rows"
+    )
+    return trainer.train()
+
+
+def resolve_export(path: str | os.PathLike, component: str = "text_vae") -> Path:
+    """The folder holding ``component/`` and ``tokenizer/``: ``path`` itself, or a run folder's newest
+    checkpoint export (``checkpoints/step_*/model``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if (path / component).is_dir():
+        return path
+    if (path / "model" / component).is_dir():
+        return path / "model"
+    steps = sorted((path / "checkpoints").glob("step_*")) if (path / "checkpoints").is_dir() else []
+    steps = [s for s in steps if (s / "model" / component).is_dir()]
+    if not steps:
+        raise FileNotFoundError(f"no {component}/ export found in {path} (nor in its checkpoints/)")
+    return steps[-1] / "model"

@@ -1,0 +1,126 @@
+"""Rotary position embeddings and the one attention entry point every model calls.
+
+Design choices
+--------------
+* **Two RoPE layouts, one formula.** The released Cola DLM uses both conventions: the Text VAE
+  rotates the full head with the NeoX *half-split* layout (channel ``i`` pairs with ``i + D/2``,
+  theta 5e5), the DiT rotates only the first ``rope_dim`` channels with the GPT-J *interleaved*
+  layout (channel ``2i`` pairs with ``2i + 1``, theta 1e4). Both are ``x * cos + rot(x) * sin``;
+  they differ only in which channels form a pair, so :func:`apply_rope` takes a ``style``.
+  Angles are computed in fp32 from explicit integer positions ``(B, L)`` (never from a cache
+  of ``0..n-1``), and the result is cast back to the input dtype.
+* **One attention function, swappable backends.** ``attention(q, k, v, mask, backend)`` with
+  ``q, k, v`` of shape ``(B, H, L, D)``. ``"eager"`` is the written-out reference
+  (``softmax(q * D**-0.5 @ k^T + mask) @ v`` with fp32 softmax) that the tests compare the others
+  against; ``"sdpa"`` (default) calls PyTorch's fused kernels with the dense boolean mask;
+  ``"flex"`` uses ``flex_attention`` with a block mask (GPU; it has no CPU backward);
+  ``"xformers"`` is an optional GPU extra. Masks come from :mod:`unimodal.masks`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from unimodal.masks import AttentionMask
+
+BACKENDS = ("eager", "sdpa", "flex", "xformers")
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(dim: int, theta: float) -> torch.Tensor:
+    """Inverse frequencies ``1 / theta^(2i/dim)``, i = 0..dim/2-1, in fp32 (the released formula)."""
+    if dim % 2:
+        raise ValueError(f"rotary dim must be even, got {dim}")
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+def apply_rope(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    style: str = "neox",
+) -> torch.Tensor:
+    """Rotate the first ``2 * len(inv_freq)`` channels of ``x`` by ``positions``.
+
+    x: (B, H, L, D); positions: (B, L) integer or float; inv_freq: (R/2,) with R <= D.
+    ``style="neox"`` pairs channel i with i + R/2; ``style="interleaved"`` pairs 2i with 2i+1.
+    Channels R..D-1 pass through unchanged.
+    """
+    rot = 2 * inv_freq.numel()
+    if rot > x.shape[-1]:
+        raise ValueError(f"rotary dim {rot} exceeds head dim {x.shape[-1]}")
+    angles = positions.to(torch.float32)[:, None, :, None] * inv_freq.to(x.device, torch.float32)  # (B,1,L,R/2)
+    if style == "neox":
+        angles = torch.cat((angles, angles), dim=-1)  # (B,1,L,R): [f0..f_{R/2-1} | f0..]
+    elif style == "interleaved":
+        angles = angles.repeat_interleave(2, dim=-1)  # (B,1,L,R): f0 f0 f1 f1 ...
+    else:
+        raise ValueError(f"unknown rope style {style!r}; expected 'neox' or 'interleaved'")
+    xr, x_pass = x[..., :rot].float(), x[..., rot:]
+    if style == "neox":
+        x1, x2 = xr.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)  # (x1, x2) -> (-x2, x1)
+    else:
+        pairs = xr.unflatten(-1, (-1, 2))  # (..., R/2, 2)
+        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    out = xr * angles.cos() + rotated * angles.sin()
+    return torch.cat((out.to(x.dtype), x_pass), dim=-1)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)  # (B,H,Lq,Lk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = scores.float().softmax(dim=-1).to(v.dtype)
+    return probs @ v
+
+
+def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    try:
+        import xformers.ops as xops
+    except ImportError as err:  # pragma: no cover - GPU extra
+        raise ImportError("attention backend 'xformers' needs `pip install unimodal[gpu]`") from err
+    bias = None
+    if mask is not None:  # xformers wants an additive bias broadcast over heads, (B,H,Lq,Lk)
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    out = xops.memory_efficient_attention(  # takes (B, L, H, D)
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
+    )
+    return out.transpose(1, 2)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask | None = None,
+    backend: str = "sdpa",
+) -> torch.Tensor:
+    """Scaled dot-product attention: softmax(q k^T / sqrt(D) + mask) v.
+
+    q: (B, H, Lq, D), k/v: (B, H, Lk, D), mask: an :class:`AttentionMask` over (B, Lq, Lk).
+    Returns (B, H, Lq, D).
+    """
+    if mask is not None and (mask.q_len, mask.kv_len) != (q.shape[2], k.shape[2]):
+        raise ValueError(f"mask covers {(mask.q_len, mask.kv_len)} but attention is {(q.shape[2], k.shape[2])}")
+    if backend == "eager":
+        return _eager(q, k, v, None if mask is None else mask.dense())
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.dense())
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        block_mask = None if mask is None else mask.block_mask(q.device)
+        return flex_attention(q, k, v, block_mask=block_mask, scale=1.0 / math.sqrt(q.shape[-1]))
+    if backend == "xformers":
+        return _xformers(q, k, v, None if mask is None else mask.dense())
+    raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")

@@ -1,0 +1,153 @@
+"""Attention masks as small named factories.
+
+Every mask here is a *relation* "query (b, i) may attend key (b, j)", written once as a
+``mask_mod(b, h, q_idx, kv_idx) -> bool`` over per-token metadata (positions, block size,
+which copy a token belongs to, padding). The same function gives both forms the backends need:
+
+* :meth:`AttentionMask.dense` evaluates it on index grids: a boolean ``(B, 1, Lq, Lk)`` tensor
+  (``True`` = may attend) for SDPA, the eager reference and the tests;
+* :meth:`AttentionMask.block_mask` hands it to ``flex_attention.create_block_mask`` (GPU).
+
+Batches are padded, never packed: "same sample" is the batch index, so no rule has to forbid
+cross-sample attention. Blocks are counted from each token's *position*, so a query that is the
+suffix of its keys (cached inference) and a key that sits in a KV cache need no special case.
+
+Padding: keys with ``k_valid = False`` are never attended by real queries. A padding query
+(``q_valid = False``) may attend whatever the structure allows, itself included, so no row is
+ever fully masked (a fully masked softmax row is NaN, and NaN * 0 is still NaN in a loss).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class AttentionMask:
+    """A boolean attention relation over ``(batch, query, key)`` defined by a flex-style mask_mod."""
+
+    mask_mod: MaskMod
+    batch: int
+    q_len: int
+    kv_len: int
+    device: torch.device
+    _dense: torch.Tensor | None = field(default=None, repr=False)
+
+    def dense(self) -> torch.Tensor:
+        """(B, 1, Lq, Lk) bool, True where attention is allowed (computed once, then reused)."""
+        if self._dense is None:
+            b = torch.arange(self.batch, device=self.device)[:, None, None]
+            q = torch.arange(self.q_len, device=self.device)[None, :, None]
+            kv = torch.arange(self.kv_len, device=self.device)[None, None, :]
+            self._dense = self.mask_mod(b, None, q, kv).expand(self.batch, self.q_len, self.kv_len)[:, None]
+        return self._dense
+
+    def block_mask(self, device: torch.device | str | None = None):
+        """A flex_attention BlockMask of the same relation (used on GPU)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        return create_block_mask(
+            self.mask_mod, self.batch, None, self.q_len, self.kv_len, device=device or self.device
+        )
+
+
+def _block_index(positions: torch.Tensor, block_size: int | torch.Tensor) -> torch.Tensor:
+    """Block id of every token: position // block size (block size per sample allowed)."""
+    bs = torch.as_tensor(block_size, device=positions.device)
+    if bs.ndim == 1:
+        bs = bs[:, None]  # (B, 1)
+    if torch.any(bs < 1):
+        raise ValueError(f"block size must be >= 1, got {block_size}")
+    return torch.div(positions, bs, rounding_mode="floor")
+
+
+def _ones(ref: torch.Tensor) -> torch.Tensor:
+    return torch.ones(ref.shape, dtype=torch.bool, device=ref.device)
+
+
+def block_causal_mask(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    block_size: int | torch.Tensor,
+    q_valid: torch.Tensor | None = None,
+    k_valid: torch.Tensor | None = None,
+) -> AttentionMask:
+    """Block-causal attention: a query sees every key whose block is not later than its own.
+
+    q_pos: (B, Lq), k_pos: (B, Lk) int64 positions; block_size: int or (B,) per-sample sizes.
+    Block size 1 is strictly causal. Queries may be the suffix of the keys (cached inference:
+    keys = [cache | current block]); block ids come from positions, so nothing else changes.
+
+    Example, 6 tokens, block size 2 (x = may attend)::
+
+              k0 k1 k2 k3 k4 k5
+        q0     x  x  .  .  .  .
+        q1     x  x  .  .  .  .
+        q2     x  x  x  x  .  .
+        q3     x  x  x  x  .  .
+        q4     x  x  x  x  x  x
+        q5     x  x  x  x  x  x
+    """
+    q_blk, k_blk = _block_index(q_pos, block_size), _block_index(k_pos, block_size)
+    q_valid = _ones(q_pos) if q_valid is None else q_valid
+    k_valid = _ones(k_pos) if k_valid is None else k_valid
+
+    def mask_mod(b, h, q, kv):
+        return (k_blk[b, kv] <= q_blk[b, q]) & (k_valid[b, kv] | ~q_valid[b, q])
+
+    return AttentionMask(mask_mod, q_pos.shape[0], q_pos.shape[1], k_pos.shape[1], q_pos.device)
+
+
+def causal_mask(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    q_valid: torch.Tensor | None = None,
+    k_valid: torch.Tensor | None = None,
+) -> AttentionMask:
+    """Strictly causal attention (block size 1): a query sees keys at positions <= its own."""
+    return block_causal_mask(q_pos, k_pos, 1, q_valid, k_valid)
+
+
+def two_l_mask(
+    positions: torch.Tensor,
+    noisy: torch.Tensor,
+    block_size: int | torch.Tensor,
+    valid: torch.Tensor | None = None,
+) -> AttentionMask:
+    """The "2L" teacher-forcing mask: one pass trains every block of ``[z0 ; z_t]``.
+
+    positions: (B, 2L) shared by both copies; noisy: (B, 2L) bool, True for the z_t copy;
+    block_size: int or (B,). Three named rules (bd3lms' sub-masks):
+
+    * block-diagonal  — noisy block b sees the noisy tokens of block b (bidirectional);
+    * offset-causal   — noisy block b sees the clean tokens of blocks < b (strictly earlier);
+    * clean causal    — clean block b sees the clean tokens of blocks <= b; never a noisy one.
+
+    Example, L = 4, block size 2, layout [clean c0..c3 | noisy n0..n3]::
+
+              c0 c1 c2 c3 n0 n1 n2 n3
+        c0     x  x  .  .  .  .  .  .
+        c1     x  x  .  .  .  .  .  .
+        c2     x  x  x  x  .  .  .  .
+        c3     x  x  x  x  .  .  .  .
+        n0     .  .  .  .  x  x  .  .
+        n1     .  .  .  .  x  x  .  .
+        n2     x  x  .  .  .  .  x  x
+        n3     x  x  .  .  .  .  x  x
+    """
+    blk = _block_index(positions, block_size)
+    valid = _ones(positions) if valid is None else valid
+
+    def mask_mod(b, h, q, kv):
+        qb, kb, qn, kn = blk[b, q], blk[b, kv], noisy[b, q], noisy[b, kv]
+        block_diagonal = qn & kn & (kb == qb)
+        offset_causal = qn & ~kn & (kb < qb)
+        clean_causal = ~qn & ~kn & (kb <= qb)
+        return (block_diagonal | offset_causal | clean_causal) & (valid[b, kv] | ~valid[b, q])
+
+    return AttentionMask(mask_mod, positions.shape[0], positions.shape[1], positions.shape[1], positions.device)
