@@ -1,7 +1,9 @@
 """The ``unimodal`` command line.
 
-    unimodal train CONFIG [key=value ...]     train Stage 1 (task: vae) from a YAML run config
+    unimodal quickstart                       tiny Stage 1 + Stage 2 on the embedded corpus, then samples
+    unimodal train CONFIG [key=value ...]     train from a YAML run config (task: vae | cola)
     unimodal eval-vae CHECKPOINT              held-out reconstruction + robustness curve of a Text VAE
+    unimodal sample CHECKPOINT --prompt ...   generate text with a Cola pipeline
 
 CHECKPOINT is a run folder (its newest checkpoint is used) or an export folder holding
 ``text_vae/`` and ``tokenizer/``. Errors are printed as one line and exit with status 2.
@@ -24,11 +26,11 @@ def _find_run_config(path: Path) -> Path | None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from prior.recipes import train_text_vae
+    from prior.recipes import TRAINERS
     from prior.run_config import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
-    result = {"vae": train_text_vae}[cfg.task](cfg)
+    result = TRAINERS[cfg.task](cfg)
     print(result.format() if hasattr(result, "format") else result)
 
 
@@ -51,6 +53,113 @@ def cmd_eval_vae(args: argparse.Namespace) -> None:
     print(result.format())
 
 
+def load_pipeline(path: str | Path):
+    """A ColaTextPipeline from a pipeline folder or a Stage-2 run folder (its newest checkpoint)."""
+    from prior.pipeline_cola_text import ColaTextPipeline
+    from prior.recipes import resolve_export
+
+    return ColaTextPipeline.from_pretrained(resolve_export(path, "prior"))
+
+
+def _generate_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        first_block=args.first_block,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+    )
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import torch
+
+    pipe = load_pipeline(args.checkpoint)
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.stream:
+        for chunk in pipe.stream(args.prompt, generator=generator, **_generate_kwargs(args)):
+            print(
+                chunk.texts[0] if len(args.prompt) == 1 else chunk.texts,
+                end="" if len(args.prompt) == 1 else "\n",
+            )
+            sys.stdout.flush()
+        print()
+        return
+    out = pipe(args.prompt, generator=generator, **_generate_kwargs(args))
+    for prompt, text in zip(args.prompt, out.texts):
+        print(f"{prompt}\u2502{text}")
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from prior.evaluation import evaluate_text_vae, generation_report
+    from prior.recipes import resolve_export, train_cola, train_text_vae
+    from prior.run_config import load_run_config
+    from unimodal.text_data import build_text_datasets, load_documents
+    from unimodal.tokenization import load_tokenizer
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "text"
+    if not configs.is_dir():
+        raise FileNotFoundError(
+            f"config folder not found: {configs} (quickstart runs from a source checkout)"
+        )
+    out = Path(args.output_dir)
+    common = ["train.resume=latest"]  # re-running the quickstart continues (or just reports)
+    vae_cfg = load_run_config(
+        configs / "vae_tiny.yaml", [f"train.output_dir={out / 'vae'}", *common, *args.vae]
+    )
+    print("== Stage 1: Text VAE ==")
+    train_text_vae(vae_cfg)
+    vae_export = resolve_export(out / "vae", "text_vae")
+    _, val_ds = build_text_datasets(vae_cfg.data, load_tokenizer(vae_export / "tokenizer"))
+    from unimodal.text_vae import TextVAE
+
+    vae = TextVAE.from_pretrained(vae_export / "text_vae")
+    print(evaluate_text_vae(vae, val_ds, max_batches=args.eval_batches, progress=False).format())
+
+    print("== Stage 2: block-causal prior, trained jointly with the VAE ==")
+    cola_cfg = load_run_config(
+        configs / "cola_tiny.yaml",
+        [f"stage1={out / 'vae'}", f"train.output_dir={out / 'cola'}", *common, *args.cola],
+    )
+    train_cola(cola_cfg)
+
+    print("== Samples ==")
+    pipe = load_pipeline(out / "cola")
+    pipe.set_progress_bar_config(disable=True)
+    train_texts, val_texts = load_documents(cola_cfg.data)
+    s = cola_cfg.sampler
+    report = generation_report(
+        pipe,
+        train_texts,
+        val_texts,
+        num_prompts=args.num_prompts,
+        new_tokens=s.max_new_tokens,
+        num_inference_steps=s.num_inference_steps,
+        guidance_scale=s.guidance_scale,
+        first_block=s.first_block,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        repetition_penalty=s.repetition_penalty,
+    )
+    print(report.format(show=args.show))
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--steps", type=int, default=16, help="Euler steps per block (num_inference_steps)")
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--first-block", default="clean_repaint")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unimodal", description="Cola DLM: continuous latent diffusion LMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, default=None)
     p.add_argument("overrides", nargs="*", help="key=value overrides of the data section")
     p.set_defaults(func=cmd_eval_vae)
+
+    p = sub.add_parser("sample", help="generate text with a Cola pipeline")
+    p.add_argument("checkpoint", help="pipeline folder or Stage-2 run folder")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch; '' = unconditional")
+    p.add_argument("--stream", action="store_true", help="print text block by block")
+    _add_generation_flags(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("quickstart", help="tiny Stage 1 + Stage 2 on the embedded corpus, then samples")
+    p.add_argument("--output-dir", default="runs/quickstart")
+    p.add_argument("--vae", action="append", default=[], metavar="KEY=VALUE", help="Stage-1 config override")
+    p.add_argument("--cola", action="append", default=[], metavar="KEY=VALUE", help="Stage-2 config override")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--show", type=int, default=6, help="samples to print")
+    p.add_argument("--eval-batches", type=int, default=None, help="VAE evaluation batches (default: all)")
+    p.set_defaults(func=cmd_quickstart)
     return parser
 
 

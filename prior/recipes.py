@@ -1,13 +1,15 @@
 """Training recipes: build the pieces a :class:`RunConfig` names and hand them to the one trainer.
 
-Stage 1 (``task: vae``) trains the Text VAE on reconstruction + KL + BERT losses. A run folder
-looks like::
+Stage 1 (``task: vae``) trains the Text VAE on reconstruction + KL + BERT losses; Stage 2
+(``task: cola``) trains the block-causal prior by flow matching jointly with the VAE
+(:mod:`prior.joint`), starting from a Stage-1 export (``stage1:``). A run folder looks like::
 
     runs/vae_tiny/
       config.yaml                      # the resolved RunConfig
       tokenizer/                       # save_pretrained of the (trained or loaded) tokenizer
       checkpoints/step_0001500/        # accelerate state + trainer_state.json + model/
-        model/{text_vae,tokenizer}/    # a loadable export of that step
+        model/{text_vae,tokenizer}/    # a loadable export of that step (Stage 2: a whole
+                                       #   ColaTextPipeline folder: text_vae, prior, scheduler, ...)
       logs/                            # tensorboard
 
 ``resolve_export(path)`` turns a run folder (its newest checkpoint) or an export folder into the
@@ -21,8 +23,12 @@ import os
 from pathlib import Path
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from transformers import PreTrainedTokenizerFast
 
+from prior.joint import ColaModel, cola_loss_fn
+from prior.mmdit import MMDiT
+from prior.pipeline_cola_text import ColaTextPipeline
 from prior.run_config import RunConfig
 from prior.trainer import LossOutput, Trainer, TrainResult
 from unimodal.config import ConfigError, to_yaml
@@ -53,8 +59,10 @@ def _checked_vae_kwargs(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast) -> d
 
 
 def vae_loss_fn(model: TextVAE, batch: dict[str, torch.Tensor], step: int) -> LossOutput:
-    """Stage-1 objective: reconstruction CE + kl_weight * KL + bert_weight * BERT loss."""
-    out = model.loss(batch["input_ids"], batch.get("valid"))
+    """Stage-1 objective: reconstruction CE + kl_weight * KL + bert_weight * BERT loss.
+
+    Called through ``model(...)`` (``TextVAE.forward`` is its loss) so DDP synchronises gradients."""
+    out = model(batch["input_ids"], batch.get("valid"))
     logs = {"recon": out.recon_loss, "kl": out.kl, "bert": out.bert_loss, "acc": out.accuracy}
     return LossOutput(loss=out.loss, logs=logs, num_tokens=batch["input_ids"].numel())
 
@@ -90,6 +98,82 @@ def train_text_vae(cfg: RunConfig) -> TrainResult:
         f"data: {len(train_ds)} train rows x {cfg.data.seq_len} tokens, {len(val_ds)} validation rows"
     )
     return trainer.train()
+
+
+def save_pipeline_export(
+    model: ColaModel, tokenizer: PreTrainedTokenizerFast, shift: float, out_dir: str | Path
+) -> None:
+    pipe = ColaTextPipeline(
+        text_vae=model.vae,
+        prior=model.prior,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        tokenizer=tokenizer,
+    )
+    pipe.save_pretrained(out_dir)
+
+
+def _stage2_vae(cfg: RunConfig, run_dir: Path) -> tuple[TextVAE, PreTrainedTokenizerFast]:
+    """The VAE Stage 2 starts from: the Stage-1 export, or a fresh one for ``joint.mode=scratch``."""
+    if cfg.joint.mode == "scratch":
+        tokenizer = prepare_tokenizer(cfg, run_dir)
+        torch.manual_seed(cfg.train.seed)
+        return TextVAE(**_checked_vae_kwargs(cfg, tokenizer)), tokenizer
+    if not cfg.stage1:
+        raise ConfigError(
+            f"stage1 (a Stage-1 run folder or export) is required for joint.mode={cfg.joint.mode}"
+        )
+    export = resolve_export(cfg.stage1, "text_vae")
+    tokenizer = load_tokenizer(export / "tokenizer")
+    vae = TextVAE.from_pretrained(export / "text_vae")
+    if cfg.data.seq_len > vae.config.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds the VAE's max_seq_len={vae.config.max_seq_len}"
+        )
+    return vae, tokenizer
+
+
+def build_cola_model(cfg: RunConfig, run_dir: Path) -> tuple[ColaModel, PreTrainedTokenizerFast]:
+    """The Stage-2 model (VAE + prior + frozen reference encoder) and its tokenizer."""
+    vae, tokenizer = _stage2_vae(cfg, run_dir)
+    prior_kwargs = dataclasses.asdict(cfg.prior)
+    latent_dim = vae.config.latent_dim
+    if prior_kwargs["in_channels"] != [latent_dim]:
+        raise ConfigError(f"prior.in_channels={prior_kwargs['in_channels']} but the VAE's latent_dim is {latent_dim}")
+    if cfg.flow.block_size != cfg.prior.block_size:
+        raise ConfigError(
+            f"flow.block_size={cfg.flow.block_size} differs from prior.block_size={cfg.prior.block_size}"
+        )
+    torch.manual_seed(cfg.train.seed)
+    prior = MMDiT(**prior_kwargs)
+    return ColaModel(vae, prior, cfg.joint, cfg.flow), tokenizer
+
+
+def train_cola(cfg: RunConfig) -> TrainResult:
+    """Stage 2: flow-matching prior trained jointly with the VAE (mode ``cfg.joint.mode``)."""
+    run_dir = Path(cfg.train.output_dir)
+    model, tokenizer = build_cola_model(cfg, run_dir)
+    train_ds, val_ds = build_text_datasets(cfg.data, tokenizer)
+    trainer = Trainer(
+        model,
+        cola_loss_fn,
+        train_ds,
+        val_ds if len(val_ds) else None,
+        cfg.train,
+        save_model_fn=lambda m, d: save_pipeline_export(m, tokenizer, cfg.sampler.shift, d),
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(run_dir / "tokenizer")
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    n_prior = sum(p.numel() for p in model.prior.parameters()) / 1e6
+    n_vae = sum(p.numel() for p in model.vae.parameters()) / 1e6
+    print(
+        f"Cola Stage 2 ({cfg.joint.mode}): prior {n_prior:.2f}M + VAE {n_vae:.2f}M parameters; "
+        f"data: {len(train_ds)} train rows x {cfg.data.seq_len} tokens"
+    )
+    return trainer.train()
+
+
+TRAINERS = {"vae": train_text_vae, "cola": train_cola}
 
 
 def resolve_export(path: str | os.PathLike, component: str = "text_vae") -> Path:

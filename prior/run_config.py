@@ -19,6 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prior.flow_matching import FlowMatchingConfig
+from prior.joint import JointConfig
+from prior.mmdit import MMDiT
+from prior.sampler import SamplerConfig
 from prior.trainer import TrainerConfig
 from unimodal.config import ConfigError, load_config, schema_from_signature
 from unimodal.text_data import DataConfig
@@ -28,6 +32,7 @@ from unimodal.tokenization import TokenizerConfig
 TASKS = ("vae", "cola")
 
 TextVAEConfig = schema_from_signature(TextVAE)
+MMDiTConfig = schema_from_signature(MMDiT)
 
 
 @dataclass
@@ -39,6 +44,12 @@ class RunConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     vae: TextVAEConfig = field(default_factory=TextVAEConfig)
     train: TrainerConfig = field(default_factory=TrainerConfig)
+    # Stage 2 (task: cola)
+    stage1: str | None = None  # Stage-1 run folder or export; required unless joint.mode == scratch
+    prior: MMDiTConfig = field(default_factory=MMDiTConfig)
+    flow: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    joint: JointConfig = field(default_factory=JointConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

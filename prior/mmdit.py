@@ -1,0 +1,549 @@
+"""The block-causal MMDiT prior: per-modality weights, one joint attention (DESIGN §3-§5, spec §3).
+
+Design choices
+--------------
+* **One model, N modalities.** Every modality owns its *stream* of weights: input projection,
+  adaLN, fused QKV, per-head QK LayerNorms, attention output projection, MLP and final layer
+  (SD3/flux MMDiT). Only the timestep embedding is shared. In every block each stream computes
+  q, k, v for its own tokens; the segments are concatenated (in the model's modality order) and
+  ONE attention runs over the joint sequence; its output is split back to the streams. With a
+  single modality this is exactly the released Cola DiT (spec §3), which
+  :func:`load_released_dit` loads.
+* **Inputs.** ``x`` is a tensor ``(B, L, C)`` for a single-modality model, or a dict
+  ``{modality: (B, L_m, C_m)}`` (a subset of the model's modalities). ``timestep``, ``positions``
+  and ``valid`` are either tensors over the concatenated sequence ``(B, sum L_m)`` or dicts with
+  the same keys as ``x``. The output mirrors ``x``: a tensor or a dict of velocities. The order
+  of the segments is internal: what a token attends to is decided by ``positions`` and the
+  mask only, so multi-modal callers pass explicit positions (and usually an explicit mask).
+* **Timesteps per token** on the 0..1000 scale (0 = clean), shape ``(B, L)``; a ``(B,)`` vector
+  or a scalar is one timestep per sample, embedded once and broadcast over its tokens.
+* **adaLN as in the release, fused.** The released four heads per block (SiLU -> Linear:
+  ``msa_in`` [shift|scale], ``msa_out`` gate, ``mlp_in`` [shift|scale], ``mlp_out`` gate) are one
+  ``Linear(D, 6D)`` per stream whose rows are those four heads stacked, read as two
+  :class:`Modulation` (shift, scale, gate): one GEMM instead of four, the same function. SiLU of
+  the timestep embedding is computed once per forward and shared by all heads.
+* **Attention.** Fused bias-free QKV ``[q(heads) | k | v]``, per-head affine LayerNorm on q and
+  k, interleaved (GPT-J) RoPE on the first ``rope_dim`` channels of each head (theta 1e4),
+  scale ``1/sqrt(head_dim)``, through :func:`unimodal.attention.attention` with the configured
+  backend. The default mask is block-causal from the positions (``config.block_size``); a caller
+  passes any :class:`AttentionMask` instead (the 2L training mask ``two_l_mask``).
+* **KV cache.** An explicit :class:`KVCache` is passed to ``forward``; it is read-only unless
+  ``update_cache=True`` (prefill, commit of a finished block). Keys are cached after the K norm
+  and after RoPE. Default positions with a cache continue each sample (``lengths + arange``), so
+  a (2B) forward over ``cache.expand_for_cfg()`` runs the unconditional CFG branch in rows
+  B..2B at positions 0..L-1 with no history.
+* **Init.** :meth:`MMDiT.initialize_weights` applies the released init (xavier-uniform linears,
+  each released adaLN head initialised as its own matrix, zero biases); with
+  ``adaln_zero_init=True`` (default, for training from scratch) the adaLN linears and the final
+  projections are zeroed so every block starts as the identity and the velocity at 0 (DiT).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from safetensors.torch import load_file
+
+from unimodal.attention import BACKENDS, apply_rope, attention, rope_inv_freq
+from unimodal.kv_cache import KVCache
+from unimodal.masks import AttentionMask, block_causal_mask
+
+TIME_FREQ_DIM = 256  # sinusoid width of the timestep embedding (released: fixed)
+RELEASED_ROPE_THETA = 1e4
+
+Tensors = torch.Tensor | dict[str, torch.Tensor]
+
+
+@dataclass
+class MMDiTOutput:
+    """``velocity``: (B, L, C) for a tensor input, or {modality: (B, L_m, C_m)} for a dict input."""
+
+    velocity: Tensors
+
+
+@dataclass
+class Modulation:
+    """One adaLN triple: ``x + gate * f(LN(x) * (1 + scale) + shift)``; each (B, 1 or L, D)."""
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+    gate: torch.Tensor
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+def timestep_freqs(dim: int = TIME_FREQ_DIM, max_period: float = 1e4) -> torch.Tensor:
+    """f_k = exp(-ln(max_period) k / (dim/2)), k < dim/2: the exponent in fp32 as released, the exp in fp64
+    rounded once. fp32 ``torch.exp`` is 1-ulp different across CPUs, and at t ~ 1000 one ulp of f_k moves
+    the angle by ~5e-5 and the released DiT's velocity by ~1e-5; the rounded value is the same everywhere."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32) / half
+    return torch.exp(exponent.double()).float()
+
+
+def timestep_sinusoid(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """[sin | cos](t * f_k) in fp32 (sin first). t: (...,) on the 0..1000 scale -> (..., 2 * len(freqs))."""
+    args = t.float()[..., None] * freqs.to(t.device)  # (..., half)
+    return torch.cat((args.sin(), args.cos()), dim=-1)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoid (256) -> Linear -> SiLU -> Linear -> SiLU -> Linear (released ``emb_in``)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.proj_in = nn.Linear(TIME_FREQ_DIM, width)
+        self.proj_hid = nn.Linear(width, width)
+        self.proj_out = nn.Linear(width, width)
+
+    def forward(self, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, D)
+        emb = timestep_sinusoid(t, freqs).to(self.proj_in.weight.dtype)
+        return self.proj_out(F.silu(self.proj_hid(F.silu(self.proj_in(emb)))))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc_in = nn.Linear(width, hidden)
+        self.fc_out = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
+
+
+class Stream(nn.Module):
+    """One modality's weights inside one block."""
+
+    def __init__(self, width: int, heads: int, head_dim: int, mlp_hidden: int, eps: float, qk_bias: bool):
+        super().__init__()
+        self.ada = nn.Linear(width, 6 * width)  # rows: msa [shift|scale|gate], mlp [shift|scale|gate]
+        self.qkv = nn.Linear(width, 3 * heads * head_dim, bias=qk_bias)
+        self.norm_q = nn.LayerNorm(head_dim, eps=eps)
+        self.norm_k = nn.LayerNorm(head_dim, eps=eps)
+        self.proj = nn.Linear(heads * head_dim, width, bias=qk_bias)
+        self.mlp = MLP(width, mlp_hidden)
+
+    def modulation(self, c: torch.Tensor) -> tuple[Modulation, Modulation]:
+        """c = SiLU(timestep embedding) (B, T, D) -> (attention, MLP) modulations."""
+        chunks = self.ada(c).chunk(6, dim=-1)  # 6 x (B, T, D)
+        return Modulation(*chunks[:3]), Modulation(*chunks[3:])
+
+
+@dataclass
+class _AttnContext:
+    """What every block's attention needs besides the hidden states (built once per forward)."""
+
+    positions: torch.Tensor  # (B, L) int64 of the queries
+    mask: AttentionMask | None
+    inv_freq: torch.Tensor  # (rope_dim / 2,)
+    backend: str
+    kv_cache: KVCache | None = None
+    update_cache: bool = False
+
+
+class MMDiTBlock(nn.Module):
+    """Per-modality adaLN/QKV/MLP around one joint attention over all segments."""
+
+    def __init__(
+        self,
+        modalities: list[str],
+        width: int,
+        heads: int,
+        head_dim: int,
+        mlp_hidden: int,
+        eps: float,
+        qk_bias: bool,
+        layer: int,
+    ):
+        super().__init__()
+        self.heads, self.head_dim, self.eps, self.layer = heads, head_dim, eps, layer
+        self.streams = nn.ModuleDict(
+            {m: Stream(width, heads, head_dim, mlp_hidden, eps, qk_bias) for m in modalities}
+        )
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:  # non-affine LayerNorm
+        return F.layer_norm(x, (x.shape[-1],), eps=self.eps)
+
+    def forward(
+        self, h: dict[str, torch.Tensor], c: dict[str, torch.Tensor], ctx: _AttnContext
+    ) -> dict[str, torch.Tensor]:
+        mods = {m: self.streams[m].modulation(c[m]) for m in h}
+        qs, ks, vs = [], [], []
+        for m, x in h.items():  # x: (B, L_m, D)
+            s, msa = self.streams[m], mods[m][0]
+            qkv = s.qkv(modulate(self._norm(x), msa.shift, msa.scale))  # (B, L_m, 3*H*Dh)
+            q, k, v = qkv.unflatten(-1, (3, self.heads, self.head_dim)).permute(2, 0, 3, 1, 4)  # (B,H,L_m,Dh)
+            qs.append(s.norm_q(q))
+            ks.append(s.norm_k(k))
+            vs.append(v)
+        q, k, v = torch.cat(qs, dim=2), torch.cat(ks, dim=2), torch.cat(vs, dim=2)  # (B, H, L, Dh)
+        if ctx.inv_freq.numel():
+            q = apply_rope(q, ctx.positions, ctx.inv_freq, style="interleaved")
+            k = apply_rope(k, ctx.positions, ctx.inv_freq, style="interleaved")
+        if ctx.kv_cache is not None:
+            k, v = ctx.kv_cache.keys_values(self.layer, k, v)  # (B, H, S + L, Dh)
+            if ctx.update_cache:
+                ctx.kv_cache.update(self.layer, k, v)
+        o = attention(q, k, v, ctx.mask, backend=ctx.backend)  # (B, H, L, Dh)
+        o = o.transpose(1, 2).flatten(2)  # (B, L, H*Dh)
+        out = {}
+        for (m, x), o_m in zip(h.items(), o.split([x.shape[1] for x in h.values()], dim=1)):
+            s, (msa, mlp) = self.streams[m], mods[m]
+            x = x + msa.gate * s.proj(o_m)  # (B, L_m, D)
+            out[m] = x + mlp.gate * s.mlp(modulate(self._norm(x), mlp.shift, mlp.scale))
+        return out
+
+
+class FinalLayer(nn.Module):
+    """Affine LayerNorm, adaLN [shift|scale] (no gate), Linear -> velocity."""
+
+    def __init__(self, width: int, out_channels: int, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.ada = nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, out_channels)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, L, C)
+        shift, scale = self.ada(c).chunk(2, dim=-1)
+        return self.proj(modulate(self.norm(x), shift, scale))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class MMDiT(ModelMixin, ConfigMixin):
+    """Block-causal MMDiT velocity model. See the module docstring for the design."""
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        modalities: list[str] = ["text"],  # noqa: B006 - the config schema; never mutated
+        in_channels: list[int] = [16],  # noqa: B006 - latent dim per modality (= output channels)
+        width: int = 2048,
+        heads: int = 16,
+        head_dim: int = 128,
+        rope_dim: int = 96,
+        rope_theta: float = 10000.0,
+        mlp_ratio: float = 4.0,
+        num_layers: int = 24,
+        block_size: int = 16,
+        norm_eps: float = 1e-5,
+        qk_bias: bool = False,
+        attn_backend: str = "sdpa",
+        adaln_zero_init: bool = True,
+    ):
+        super().__init__()
+        modalities, in_channels = list(modalities), list(in_channels)
+        if not modalities or len(modalities) != len(in_channels):
+            raise ValueError(f"need one in_channels per modality, got {modalities} and {in_channels}")
+        for m in modalities:
+            if not m.isidentifier() or modalities.count(m) > 1:
+                raise ValueError(f"modality names must be unique identifiers, got {m!r}")
+        if rope_dim % 2 or not 0 <= rope_dim <= head_dim:
+            raise ValueError(f"rope_dim must be even and in [0, head_dim={head_dim}], got {rope_dim}")
+        if attn_backend not in BACKENDS:
+            raise ValueError(f"unknown attn_backend {attn_backend!r}; expected one of {BACKENDS}")
+        if min(width, heads, head_dim, num_layers, block_size, *in_channels) < 1:
+            raise ValueError("width, heads, head_dim, num_layers, block_size, in_channels must be >= 1")
+        mlp_hidden = round(width * mlp_ratio)
+        self.embed_in = nn.ModuleDict({m: nn.Linear(c, width) for m, c in zip(modalities, in_channels)})
+        self.time_embed = TimestepEmbedding(width)
+        self.blocks = nn.ModuleList(
+            MMDiTBlock(modalities, width, heads, head_dim, mlp_hidden, norm_eps, qk_bias, layer=i)
+            for i in range(num_layers)
+        )
+        self.final = nn.ModuleDict(
+            {m: FinalLayer(width, c, norm_eps) for m, c in zip(modalities, in_channels)}
+        )
+        self._freqs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Released init (xavier-uniform per released matrix, zero biases), then adaLN-Zero if configured."""
+        width = self.config.width
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            for stream in block.streams.values():  # the released four heads are four matrices
+                for rows in stream.ada.weight.split([2 * width, width, 2 * width, width]):
+                    nn.init.xavier_uniform_(rows)
+        if self.config.adaln_zero_init:
+            zero = [s.ada for b in self.blocks for s in b.streams.values()]
+            zero += [layer for f in self.final.values() for layer in (f.ada, f.proj)]
+            for layer in zero:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def _frequencies(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RoPE inverse frequencies, timestep frequencies) in fp32 on ``device``. Plain cached tensors,
+        not buffers, so that ``model.to(torch.bfloat16)`` can never round them."""
+        if device not in self._freqs:
+            inv_freq = rope_inv_freq(self.config.rope_dim, self.config.rope_theta)
+            self._freqs[device] = (inv_freq.to(device), timestep_freqs().to(device))
+        return self._freqs[device]
+
+    # ------------------------------------------------------------------ input normalisation
+
+    def _segments(self, x: Tensors) -> dict[str, torch.Tensor]:
+        """x -> {modality: (B, L_m, C_m)} in the model's modality order, with shape checks."""
+        mods, chans = self.config.modalities, dict(zip(self.config.modalities, self.config.in_channels))
+        if isinstance(x, torch.Tensor):
+            if len(mods) != 1:
+                raise ValueError(
+                    f"this MMDiT has modalities {list(mods)}: pass x as a dict {{modality: tensor}}"
+                )
+            x = {mods[0]: x}
+        unknown = sorted(set(x) - set(mods))
+        if unknown or not x:
+            raise ValueError(
+                f"x must map some of the modalities {list(mods)} to tensors, got keys {sorted(x)}"
+            )
+        xs = {m: x[m] for m in mods if m in x}
+        batch = next(iter(xs.values())).shape[0]
+        for m, t in xs.items():
+            if t.ndim != 3 or t.shape[0] != batch or t.shape[2] != chans[m]:
+                raise ValueError(f"x[{m!r}] must be (B={batch}, L, {chans[m]}), got {tuple(t.shape)}")
+        return xs
+
+    @staticmethod
+    def _per_token(
+        value, xs: dict[str, torch.Tensor], name: str, per_sample_ok: bool = False
+    ) -> torch.Tensor:
+        """A per-token quantity over the joint sequence: (B, L), or (B, 1) for a per-sample value."""
+        batch, device = next(iter(xs.values())).shape[0], next(iter(xs.values())).device
+        if isinstance(value, dict):
+            if set(value) != set(xs):
+                raise ValueError(f"{name} keys {sorted(value)} must match the x keys {sorted(xs)}")
+            parts = [
+                MMDiT._per_token(value[m], {m: t}, f"{name}[{m!r}]", per_sample_ok) for m, t in xs.items()
+            ]
+            lengths = [t.shape[1] for t in xs.values()]
+            return torch.cat([p.expand(batch, n) for p, n in zip(parts, lengths)], dim=1)
+        length = sum(t.shape[1] for t in xs.values())
+        value = torch.as_tensor(value, device=device)
+        if per_sample_ok and value.ndim == 0:
+            return value.expand(batch, 1)
+        if per_sample_ok and value.shape == (batch,):
+            return value[:, None]
+        if value.shape != (batch, length):
+            allowed = "(), (B,) or (B, L)" if per_sample_ok else "(B, L)"
+            raise ValueError(f"{name} must be {allowed} with B={batch}, L={length}; got {tuple(value.shape)}")
+        return value
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        x: Tensors,
+        timestep: Tensors | float,
+        positions: Tensors | None = None,
+        valid: Tensors | None = None,
+        attn_mask: AttentionMask | None = None,
+        kv_cache: KVCache | None = None,
+        update_cache: bool = False,
+    ) -> MMDiTOutput:
+        """Velocity of the latents ``x`` at per-token ``timestep`` (0..1000).
+
+        x: (B, L, C) or {modality: (B, L_m, C_m)}; timestep: scalar, (B,) or (B, L) (or a dict);
+        positions: (B, L) int64, default 0..L-1, or ``cache.lengths() + 0..L-1`` with a cache;
+        valid: (B, L) bool, default all True; attn_mask: overrides the block-causal mask (it must
+        cover the cached keys too); kv_cache: read, and written only if ``update_cache``.
+        """
+        xs = self._segments(x)
+        first = next(iter(xs.values()))
+        batch, length, device = first.shape[0], sum(t.shape[1] for t in xs.values()), first.device
+        t = self._per_token(timestep, xs, "timestep", per_sample_ok=True).float()  # (B, L) or (B, 1)
+        valid = (
+            torch.ones(batch, length, dtype=torch.bool, device=device)
+            if valid is None
+            else self._per_token(valid, xs, "valid").bool()
+        )
+        if kv_cache is not None and kv_cache.num_layers != self.config.num_layers:
+            raise ValueError(f"KV cache has {kv_cache.num_layers} layers, the model {self.config.num_layers}")
+        if update_cache and kv_cache is None:
+            raise ValueError("update_cache=True needs a kv_cache")
+        if positions is None:
+            positions = torch.arange(length, device=device).expand(batch, length)  # (B, L)
+            if kv_cache is not None and kv_cache.seq_len:
+                positions = kv_cache.lengths()[:, None] + positions  # queries continue each sample
+        else:
+            positions = self._per_token(positions, xs, "positions").long()
+        if attn_mask is None:
+            k_pos, k_valid = (
+                (positions, valid) if kv_cache is None else kv_cache.key_metadata(positions, valid)
+            )
+            attn_mask = block_causal_mask(positions, k_pos, self.config.block_size, valid, k_valid)
+
+        inv_freq, time_freqs = self._frequencies(device)
+        c = F.silu(self.time_embed(t, time_freqs))  # (B, L or 1, D), shared by all adaLN heads
+        if c.shape[1] == 1:
+            cs = dict.fromkeys(xs, c)
+        else:
+            cs = dict(zip(xs, c.split([v.shape[1] for v in xs.values()], dim=1)))
+        h = {m: self.embed_in[m](v) for m, v in xs.items()}  # {m: (B, L_m, D)}
+        ctx = _AttnContext(positions, attn_mask, inv_freq, self.config.attn_backend, kv_cache, update_cache)
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing and kv_cache is None:
+                h = self._gradient_checkpointing_func(block, h, cs, ctx)
+            else:
+                h = block(h, cs, ctx)
+        if update_cache:
+            kv_cache.advance(positions, valid)
+        out = {m: self.final[m](h[m], cs[m]) for m in h}  # {m: (B, L_m, C_m)}
+        return MMDiTOutput(out if isinstance(x, dict) else out[next(iter(out))])
+
+    # ------------------------------------------------------------------ released checkpoint
+
+    @classmethod
+    def from_released_config(cls, cfg: dict, modality: str = "text", **overrides) -> MMDiT:
+        """Build the model described by a released ``cola_dit`` config.json (spec §2)."""
+        unknown = sorted(set(cfg) - set(_RELEASED_DEFAULTS) - _RELEASED_META_KEYS)
+        if unknown:
+            raise ValueError(f"unknown field {unknown[0]!r} in the released DiT config")
+        if cfg.get("model_type", "cola_dit") != "cola_dit":
+            raise ValueError(f"released config has model_type {cfg['model_type']!r}, expected 'cola_dit'")
+        r = {**_RELEASED_DEFAULTS, **{k: v for k, v in cfg.items() if k in _RELEASED_DEFAULTS}}
+        if r["patch_size"] != 1:
+            raise ValueError(f"released patch_size {r['patch_size']} is not supported (only 1)")
+        if r["emb_dim"] != r["txt_dim"]:
+            raise ValueError(
+                f"released emb_dim {r['emb_dim']} must equal txt_dim {r['txt_dim']} (adaLN input)"
+            )
+        if r["txt_out_channels"] != r["txt_in_channels"]:
+            raise ValueError(
+                f"released txt_out_channels {r['txt_out_channels']} must equal "
+                f"txt_in_channels {r['txt_in_channels']}"
+            )
+        kwargs = dict(
+            modalities=[modality], in_channels=[r["txt_in_channels"]], width=r["txt_dim"], heads=r["heads"],
+            head_dim=r["head_dim"], rope_dim=r["rope_dim"], rope_theta=RELEASED_ROPE_THETA,
+            mlp_ratio=float(r["expand_ratio"]), num_layers=r["num_layers"], block_size=r["block_size"],
+            norm_eps=r["norm_eps"], qk_bias=r["qk_bias"],
+        )  # fmt: skip
+        return cls(**{**kwargs, **overrides})
+
+
+_RELEASED_DEFAULTS = {  # ColaDiTConfig class defaults (spec §2)
+    "txt_in_channels": 16, "txt_out_channels": 16, "txt_dim": 2048, "emb_dim": 2048, "heads": 16,
+    "head_dim": 128, "expand_ratio": 4, "num_layers": 24, "norm_eps": 1e-5, "qk_bias": False,
+    "patch_size": 1, "rope_dim": 96, "block_size": 4,
+}  # fmt: skip
+_RELEASED_META_KEYS = {"architectures", "dtype", "torch_dtype", "transformers_version", "model_type"}
+
+# released key pattern -> our key template ({m} = modality); regex groups are re-used in order
+_RENAMES = [
+    (r"txt_in\.proj\.(weight|bias)", "embed_in.{m}.{0}"),
+    (r"emb_in\.(proj_in|proj_hid|proj_out)\.(weight|bias)", "time_embed.{0}.{1}"),
+    (r"blocks\.(\d+)\.msa\.proj_qkv\.(weight|bias)", "blocks.{0}.streams.{m}.qkv.{1}"),
+    (r"blocks\.(\d+)\.msa\.proj_out\.(weight|bias)", "blocks.{0}.streams.{m}.proj.{1}"),
+    (r"blocks\.(\d+)\.msa\.norm_(q|k)\.(weight|bias)", "blocks.{0}.streams.{m}.norm_{1}.{2}"),
+    (r"blocks\.(\d+)\.mlp\.proj_(in|out)\.(weight|bias)", "blocks.{0}.streams.{m}.mlp.fc_{1}.{2}"),
+    (r"txt_out_norm\.(weight|bias)", "final.{m}.norm.{0}"),
+    (r"txt_out_ada\.out_in\.1\.(weight|bias)", "final.{m}.ada.{0}"),
+    (r"txt_out\.proj\.(weight|bias)", "final.{m}.proj.{0}"),
+]
+_ADA = r"blocks\.(\d+)\.ada\.(msa_in|msa_out|mlp_in|mlp_out)\.1\.(weight|bias)"
+_ADA_ORDER = ("msa_in", "msa_out", "mlp_in", "mlp_out")  # stacked rows = [shift|scale|gate] x 2
+_ROPE = r"blocks\.(\d+)\.msa\.rope\.rope\.freqs"
+
+
+def _convert(sd: dict[str, torch.Tensor], modality: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Released -> our keys; also returns {our key: released key(s)} for error messages."""
+    out, sources, ada = {}, {}, {}
+    for key, value in sd.items():
+        if match := re.fullmatch(_ROPE, key):
+            expected = rope_inv_freq(2 * value.numel(), RELEASED_ROPE_THETA)
+            if not torch.allclose(value.float().cpu(), expected, rtol=1e-6, atol=0):
+                raise ValueError(
+                    f"released RoPE frequencies {key!r} differ from 1/1e4^(2i/{2 * value.numel()})"
+                )
+            continue
+        if match := re.fullmatch(_ADA, key):
+            block, head, param = match.groups()
+            ada.setdefault((block, param), {})[head] = value
+            continue
+        for pattern, template in _RENAMES:
+            if match := re.fullmatch(pattern, key):
+                new = template.format(*match.groups(), m=modality)
+                out[new], sources[new] = value, key
+                break
+        else:
+            raise ValueError(f"unknown released DiT key {key!r}")
+    for (block, param), heads in ada.items():
+        for head in _ADA_ORDER:
+            if head not in heads:
+                raise ValueError(f"released DiT checkpoint misses key 'blocks.{block}.ada.{head}.1.{param}'")
+        new = f"blocks.{block}.streams.{modality}.ada.{param}"
+        out[new] = torch.cat([heads[h] for h in _ADA_ORDER], dim=0)
+        sources[new] = f"blocks.{block}.ada.{{{','.join(_ADA_ORDER)}}}.1.{param}"
+    return out, sources
+
+
+def convert_released_dit_state_dict(
+    sd: dict[str, torch.Tensor], modality: str = "text"
+) -> dict[str, torch.Tensor]:
+    """Map a released Cola DiT state_dict (spec §3 table) to :class:`MMDiT` keys for one modality.
+
+    The four adaLN heads of each block are stacked into one ``ada`` matrix; the RoPE ``freqs``
+    buffers are checked against the recomputed frequencies and dropped.
+    """
+    return _convert(sd, modality)[0]
+
+
+def _load_strict(model: MMDiT, sd: dict[str, torch.Tensor], sources: dict[str, str]) -> None:
+    expected = model.state_dict()
+    for key in expected:
+        if key not in sd:
+            raise ValueError(f"checkpoint misses the weight for model key {key!r}")
+    for key, value in sd.items():
+        origin = f" (released {sources[key]!r})" if key in sources else ""
+        if key not in expected:
+            raise ValueError(f"checkpoint key {key!r}{origin} has no place in the model")
+        if value.shape != expected[key].shape:
+            raise ValueError(
+                f"shape mismatch for {key!r}{origin}: checkpoint {tuple(value.shape)}, "
+                f"model {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(sd, strict=True)
+
+
+def load_released_dit(folder: str | Path, modality: str = "text", **overrides) -> MMDiT:
+    """Load a released ``cola_dit`` folder (config.json + model.safetensors) as an :class:`MMDiT`.
+
+    ``overrides`` are extra MMDiT config values (e.g. ``attn_backend="eager"``).
+    """
+    folder = Path(folder)
+    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"released DiT config not found: {config_path}")
+    if not weights_path.is_file():
+        if (folder / "model.safetensors.index.json").is_file():
+            raise ValueError(f"sharded checkpoints are not supported yet: {folder}")
+        raise FileNotFoundError(f"released DiT weights not found: {weights_path}")
+    model = MMDiT.from_released_config(json.loads(config_path.read_text()), modality=modality, **overrides)
+    sd, sources = _convert(load_file(str(weights_path)), modality)
+    _load_strict(model, sd, sources)
+    return model.eval()

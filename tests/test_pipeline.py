@@ -1,0 +1,141 @@
+"""ColaTextPipeline on a tiny random model and a tiny BPE tokenizer (CPU, seconds)."""
+
+import json
+import os
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from prior.mmdit import MMDiT
+from prior.pipeline_cola_text import ColaTextPipeline, ColaTextPipelineOutput
+from unimodal.text_vae import TextVAE
+from unimodal.tokenization import model_vocab_size, train_bpe_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SENTENCES = [
+    "the cat sat on the mat.",
+    "a dog ran in the park and the cat slept.",
+    "latent diffusion writes text one block at a time.",
+    "the prior moves noise to clean latents, the decoder reads them.",
+] * 4
+
+
+def perturb(model: torch.nn.Module, seed: int, scale: float) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=gen))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    tokenizer = train_bpe_tokenizer(SENTENCES, vocab_size=300)
+    torch.manual_seed(0)
+    vae = TextVAE(
+        vocab_size=model_vocab_size(tokenizer), dim=32, ffn_dim=64, num_heads=2, encoder_num_blocks=1,
+        decoder_num_blocks=1, latent_dim=4, block_size=2, max_seq_len=128,
+    )  # fmt: skip
+    prior = MMDiT(in_channels=[4], width=32, heads=2, head_dim=16, rope_dim=8, num_layers=2, block_size=4,
+                  adaln_zero_init=False)  # fmt: skip
+    perturb(vae, 1, 0.05)
+    perturb(prior, 2, 0.1)
+    pipeline = ColaTextPipeline(vae.eval(), prior.eval(), FlowMatchEulerDiscreteScheduler(), tokenizer)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+ARGS = dict(max_new_tokens=6, num_inference_steps=2, guidance_scale=3.0, temperature=1.0, top_k=20)
+
+
+def test_generates_text_for_prompts_of_different_lengths(pipe):
+    out = pipe(["the cat", "a dog ran in the park and"], generator=torch.Generator().manual_seed(0), **ARGS)
+    assert isinstance(out, ColaTextPipelineOutput)
+    assert len(out.texts) == len(out.token_ids) == 2
+    assert all(isinstance(t, str) for t in out.texts)
+    eos = pipe.tokenizer.eos_token_id
+    for ids in out.token_ids:  # max_new_tokens, unless cut after an EOS
+        assert len(ids) == 6 or (ids and ids[-1] == eos)
+    assert out.num_prior_calls == 1 + out.num_blocks * (2 + 1)
+
+
+def test_same_generator_same_output_and_string_prompt(pipe):
+    a = pipe("the cat sat", generator=torch.Generator().manual_seed(3), **ARGS)
+    b = pipe(["the cat sat"], generator=torch.Generator().manual_seed(3), **ARGS)
+    assert a.token_ids == b.token_ids and a.texts == b.texts
+
+
+def test_save_and_from_pretrained_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["text_vae"] == ["unimodal.text_vae", "TextVAE"]
+    assert index["prior"] == ["prior.mmdit", "MMDiT"]
+    loaded = ColaTextPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    prompts = ["the dog", "latent diffusion writes"]
+    assert loaded.tokenizer(prompts)["input_ids"] == pipe.tokenizer(prompts)["input_ids"]
+    a = pipe(prompts, generator=torch.Generator().manual_seed(1), **ARGS)
+    b = loaded(prompts, generator=torch.Generator().manual_seed(1), **ARGS)
+    assert a.token_ids == b.token_ids and a.texts == b.texts
+
+
+def test_output_types(pipe):
+    gen = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    text = pipe("the cat", generator=gen(), **ARGS)
+    ids = pipe("the cat", generator=gen(), output_type="ids", **ARGS)
+    latents = pipe("the cat", generator=gen(), output_type="latents", **ARGS)
+    assert ids.texts is None and ids.token_ids == text.token_ids
+    assert latents.texts is None and len(latents.latents) == latents.num_blocks
+    assert latents.latents[0].shape == (1, 4, 4)
+    (only_ids,) = pipe("the cat", generator=gen(), output_type="ids", return_dict=False, **ARGS)
+    assert only_ids == text.token_ids
+    with pytest.raises(ValueError, match="output_type"):
+        pipe("the cat", output_type="image")
+
+
+def test_callback_is_called_every_step_and_can_edit_latents(pipe):
+    calls = []
+
+    def callback(p, step, timestep, kwargs):
+        calls.append((step, timestep, tuple(kwargs)))
+        return {"latents": kwargs["latents"]}
+
+    out = pipe("the cat", generator=torch.Generator().manual_seed(0), callback_on_step_end=callback,
+               callback_on_step_end_tensor_inputs=["latents", "velocity"], **ARGS)  # fmt: skip
+    assert [c[0] for c in calls] == list(range(2 * out.num_blocks))
+    assert calls[0][1] == 1000.0 and calls[1][1] == 500.0
+    assert calls[0][2] == ("latents", "velocity")
+    with pytest.raises(ValueError, match="callback tensor input"):
+        pipe("the cat", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise"], **ARGS)
+
+
+def test_progress_bar_can_be_disabled(pipe, capsys):
+    pipe.set_progress_bar_config(disable=False)
+    pipe("the cat", generator=torch.Generator().manual_seed(0), **ARGS)
+    assert capsys.readouterr().err != ""  # tqdm writes to stderr when enabled
+    pipe.set_progress_bar_config(disable=True)
+    pipe("the cat", generator=torch.Generator().manual_seed(0), **ARGS)
+    assert capsys.readouterr().err == ""
+
+
+def test_stream_yields_the_same_text_block_by_block(pipe):
+    prompts = ["the cat", "the prior moves noise to"]
+    full = pipe(prompts, generator=torch.Generator().manual_seed(4), **ARGS)
+    streamed_ids, streamed_text = [[], []], ["", ""]
+    chunks = list(pipe.stream(prompts, generator=torch.Generator().manual_seed(4), **ARGS))
+    for chunk in chunks:
+        for i in range(2):
+            streamed_ids[i] += chunk.token_ids[i]
+            streamed_text[i] += chunk.texts[i]
+    assert len(chunks) == full.num_blocks
+    assert streamed_ids == full.token_ids
+    assert streamed_text == full.texts
+
+
+def test_released_compat_through_the_pipeline(pipe):
+    out = pipe(["the cat sat", ""], generator=torch.Generator().manual_seed(0), released_compat=True,
+               max_new_tokens=5, num_inference_steps=2, repetition_penalty=1.1)  # fmt: skip
+    assert out.num_blocks == 2  # whole blocks: 2 * 4 >= 5
+    n = len(pipe.tokenizer("the cat sat")["input_ids"])
+    assert len(out.token_ids[0]) == 8 - n % 4 and len(out.token_ids[1]) == 8

@@ -1,0 +1,411 @@
+"""The model-agnostic trainer on a toy next-token model: learning, exact resume, accumulation, bf16,
+checkpoint layout/atomicity/pruning, tensorboard, bad input, and a 2-process torchrun run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import IterableDataset
+
+from prior.trainer import (
+    EpochSampler,
+    LossOutput,
+    Trainer,
+    TrainerConfig,
+    check_checkpoint,
+    list_checkpoints,
+    param_groups,
+    warmup_cosine,
+)
+from unimodal.config import ConfigError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+VOCAB, SEQ = 24, 12
+
+
+class ToyLM(nn.Module):
+    """Embedding -> dropout -> MLP -> LayerNorm -> head; predicts the next token from the current one."""
+
+    def __init__(self, dim: int = 16, dropout: float = 0.1):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, dim)
+        self.drop = nn.Dropout(dropout)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, VOCAB)
+        self.hidden_dtype: torch.dtype | None = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.proj(self.drop(self.embed(ids)))  # (B, L, D)
+        self.hidden_dtype = h.dtype
+        return self.head(self.norm(F.gelu(h)))  # (B, L, V)
+
+
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> LossOutput:
+    ids = batch["input_ids"]
+    logits = model(ids[:, :-1])
+    loss = F.cross_entropy(logits.reshape(-1, VOCAB).float(), ids[:, 1:].reshape(-1))
+    return LossOutput(loss=loss, logs={"ppl": loss.detach().exp()}, num_tokens=ids[:, 1:].numel())
+
+
+def make_data(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Counting sequences (next = current + 1 mod V) from random starts, 10% of tokens noise."""
+    g = torch.Generator().manual_seed(seed)
+    ids = (torch.randint(0, VOCAB, (n, 1), generator=g) + torch.arange(SEQ)) % VOCAB
+    noise = torch.rand(n, SEQ, generator=g) < 0.1
+    ids = torch.where(noise, torch.randint(0, VOCAB, (n, SEQ), generator=g), ids)
+    return [{"input_ids": row} for row in ids]
+
+
+def config(out: Path, **kw) -> TrainerConfig:
+    base = dict(
+        output_dir=str(out),
+        max_steps=6,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=2,
+        eval_every=0,
+        eval_batches=2,
+        save_every=0,
+        log_every=2,
+        tensorboard=False,
+        progress_bar=False,
+    )
+    return TrainerConfig(**{**base, **kw})
+
+
+def make_trainer(
+    out: Path, data_size: int = 20, dropout: float = 0.1, val: bool = False, loss_fn=lm_loss, **kw
+):
+    torch.manual_seed(0)
+    model = ToyLM(dropout=dropout)
+    val_ds = make_data(8, seed=1) if val else None
+    return Trainer(model, loss_fn, make_data(data_size), val_ds, config(out, **kw))
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {
+        k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()
+    }
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def test_warmup_cosine_schedule():
+    f = warmup_cosine(warmup_steps=4, max_steps=20, min_lr_ratio=0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0)
+    decay = [f(s) for s in range(4, 21)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert f(20) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+    assert f(12) == pytest.approx(0.55)  # half-way: min + (1 - min) / 2
+
+
+def test_param_groups_skip_decay_on_bias_norm_embedding():
+    model = ToyLM()
+    decay, no_decay = param_groups(model, weight_decay=0.1)
+    assert {id(p) for p in decay["params"]} == {id(model.proj.weight), id(model.head.weight)}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    expected = [model.embed.weight, model.proj.bias, model.norm.weight, model.norm.bias, model.head.bias]
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in expected}
+    # trainable_parameters restricts the set; foreign tensors are rejected
+    decay, no_decay = param_groups(model, 0.1, trainable=model.head.parameters())
+    assert len(decay["params"]) == 1 and len(no_decay["params"]) == 1
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        param_groups(model, 0.1, trainable=[nn.Parameter(torch.zeros(2))])
+
+
+def test_epoch_sampler_is_a_seeded_permutation_with_offset():
+    s = EpochSampler(10, seed=3)
+    first = list(s)
+    assert sorted(first) == list(range(10)) and first == list(EpochSampler(10, seed=3))
+    s.set_epoch(1)
+    assert list(s) != first and sorted(s) == list(range(10))
+    s.set_epoch(0)
+    s.offset = 4
+    assert list(s) == first[4:] and len(s) == 6
+    assert list(EpochSampler(5, seed=0, shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_loss_decreases_and_evaluate_is_reproducible(tmp_path):
+    trainer = make_trainer(tmp_path, data_size=32, val=True, max_steps=30, eval_every=15, log_every=5)
+    before = trainer.evaluate()
+    assert trainer.evaluate() == before  # evaluation runs under its own seed
+    result = trainer.train()
+    assert result.step == 30 and result.stop_reason == "max_steps"
+    assert result.val_metrics["loss"] < 0.5 * before["loss"]
+    assert result.val_metrics["ppl"] == pytest.approx(math.exp(result.val_metrics["loss"]), rel=0.2)
+    assert set(result.train_metrics) >= {"loss", "ppl", "lr", "grad_norm", "tokens_per_s"}
+    assert result.tokens_seen == 30 * 4 * (SEQ - 1) and result.tokens_per_second > 0
+    assert result.checkpoint == str(tmp_path / "checkpoints" / "step_0000030")
+
+
+class Preempted(Exception):
+    pass
+
+
+def test_stop_and_resume_matches_uninterrupted_run(tmp_path):
+    # 20 samples / batch 4 = 5 micro-batches per epoch; with grad_accum 2 steps straddle epochs.
+    kw = dict(data_size=20, val=True, max_steps=9, grad_accum_steps=2, eval_every=3, save_every=4)
+    full = make_trainer(tmp_path / "full", **kw)
+    full.train()
+
+    # 1) a wall-clock budget stops the run after its first step and checkpoints it
+    run = tmp_path / "run"
+    first = make_trainer(run, max_time_minutes=1e-9, **kw).train()
+    assert first.stop_reason == "time_budget" and first.step == 1
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000001"]
+
+    # 2) resumed, it is killed mid-step 6 (after the step-4 checkpoint)
+    def crash_at_6(model, batch, step):
+        if step == 6:
+            raise Preempted
+        return lm_loss(model, batch, step)
+
+    second = make_trainer(run, resume="latest", loss_fn=crash_at_6, **kw)
+    assert second.step == 1
+    with pytest.raises(Preempted):
+        second.train()
+
+    # 3) resumed from step 4, it finishes with exactly the uninterrupted weights
+    third = make_trainer(run, resume="latest", **kw)
+    assert third.step == 4 and third.epoch == 1 and third.samples_into_epoch == 12
+    result = third.train()
+    assert result.step == 9
+    ref, got = weights(full), weights(third)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert result.tokens_seen == 9 * 2 * 4 * (SEQ - 1)
+
+
+class ToyStream(IterableDataset):
+    """An iterable dataset: a different deterministic order of the rows in every epoch."""
+
+    def __init__(self, rows: list[dict[str, torch.Tensor]]):
+        self.rows, self.epoch = rows, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(100 + self.epoch))
+        return (self.rows[i] for i in order.tolist())
+
+
+def test_iterable_dataset_resume_matches_uninterrupted_run(tmp_path):
+    def run(out: Path, **kw) -> Trainer:
+        torch.manual_seed(0)
+        trainer = Trainer(ToyLM(), lm_loss, ToyStream(make_data(20)), config=config(out, save_every=3, **kw))
+        trainer.train()
+        return trainer
+
+    full = run(tmp_path / "full", max_steps=8)  # 5 batches per epoch: resumes mid-epoch 0 at step 3
+    resumed = run(tmp_path / "resumed", max_steps=8, resume=str(tmp_path / "full/checkpoints/step_0000003"))
+    ref, got = weights(full), weights(resumed)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_grad_accumulation_matches_full_batch(tmp_path):
+    # 24 rows split evenly into batches of 8 and of 4: both runs read the same rows at every step.
+    one = make_trainer(tmp_path / "one", data_size=24, dropout=0.0, batch_size=8, max_steps=4)
+    r1 = one.train()
+    two = make_trainer(
+        tmp_path / "two", data_size=24, dropout=0.0, batch_size=4, grad_accum_steps=2, max_steps=4
+    )
+    r2 = two.train()
+    w1, w2 = weights(one), weights(two)
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
+    assert r1.tokens_seen == r2.tokens_seen
+    assert r1.train_metrics["loss"] == pytest.approx(r2.train_metrics["loss"], rel=1e-5)
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    trainer = make_trainer(tmp_path, mixed_precision="bf16", max_steps=3)
+    result = trainer.train()
+    assert trainer.accelerator.unwrap_model(trainer.model).hidden_dtype == torch.bfloat16
+    assert math.isfinite(result.train_metrics["loss"])
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights stay fp32
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """6 steps, a checkpoint every 2, keep 2, tensorboard on, a model export; a stale temp folder first."""
+    out = tmp_path_factory.mktemp("saved_run")
+    stale = out / "checkpoints" / ".tmp-step_0000004"
+    stale.mkdir(parents=True)
+    (stale / "junk").write_text("left by a crash")
+    export_dirs = []
+
+    def save_model(model: nn.Module, path: Path) -> None:
+        export_dirs.append(path)
+        torch.save(model.state_dict(), path / "weights.pt")
+
+    torch.manual_seed(0)
+    trainer = Trainer(
+        ToyLM(),
+        lm_loss,
+        make_data(20),
+        config=config(out, save_every=2, keep_checkpoints=2, tensorboard=True),
+        save_model_fn=save_model,
+    )
+    trainer.train()
+    return out, export_dirs
+
+
+def test_checkpoint_layout_atomicity_and_pruning(saved_run):
+    out, export_dirs = saved_run
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000004", "step_0000006"]  # no temp leftovers
+    ckpt = root / "step_0000006"
+    names = {p.name for p in ckpt.iterdir()}
+    assert names == {
+        "model.safetensors",
+        "optimizer.bin",
+        "scheduler.bin",
+        "random_states_0.pkl",
+        "trainer_state.json",
+        "model",
+    }
+    assert (ckpt / "model" / "weights.pt").is_file() and not (root / "step_0000004" / "junk").exists()
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["epoch"] == 1 and state["samples_into_epoch"] == 4
+    assert state["config"]["save_every"] == 2
+    # save_model_fn wrote into a temporary folder that was then renamed into place
+    assert [p.parent.name for p in export_dirs] == [f".tmp-step_{s:07d}" for s in (2, 4, 6)]
+    assert check_checkpoint(ckpt)["step"] == 6
+
+
+def test_tensorboard_events_written(saved_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = saved_run
+    events = EventAccumulator(str(out / "logs"))
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [2, 4, 6]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _snapshot(root: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def test_fresh_run_refuses_existing_checkpoints(saved_run):
+    out, _ = saved_run
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match=f"{out / 'checkpoints'} already holds checkpoints"):
+        make_trainer(out)
+    assert _snapshot(out) == before
+
+
+def test_missing_resume_checkpoint(tmp_path):
+    missing = tmp_path / "nope" / "step_0000010"
+    with pytest.raises(FileNotFoundError, match=f"resume checkpoint not found: {missing}"):
+        make_trainer(tmp_path / "out", resume=str(missing))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate", "corrupt checkpoint .*model.safetensors"),
+        ("optimizer.bin", "corrupt checkpoint .*missing optimizer.bin"),
+        ("trainer_state.json", "corrupt checkpoint .*trainer_state.json is missing"),
+    ],
+)
+def test_corrupt_resume_checkpoint(saved_run, tmp_path, damage, message):
+    ckpt = tmp_path / "step_0000006"
+    shutil.copytree(saved_run[0] / "checkpoints" / "step_0000006", ckpt)
+    if damage == "truncate":
+        weights_file = ckpt / "model.safetensors"
+        weights_file.write_bytes(weights_file.read_bytes()[:-16])
+    else:
+        (ckpt / damage).unlink()
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path / "out", resume=str(ckpt))
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_from_a_run_folder_is_rejected(saved_run, tmp_path):
+    with pytest.raises(ValueError, match=f"{saved_run[0]} is a run folder, not a checkpoint"):
+        make_trainer(tmp_path / "out", resume=str(saved_run[0]))
+
+
+def test_resume_latest_without_checkpoints_starts_fresh(tmp_path):
+    assert make_trainer(tmp_path, resume="latest").step == 0
+
+
+def test_config_values_are_validated(tmp_path):
+    with pytest.raises(ConfigError, match="train.mixed_precision must be one of"):
+        config(tmp_path, mixed_precision="fp8")
+    with pytest.raises(ConfigError, match="train.grad_accum_steps must be >= 1"):
+        config(tmp_path, grad_accum_steps=0)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        make_trainer(tmp_path, data_size=3)
+
+
+# ----------------------------------------------------------------------------- multi-process
+
+TORCHRUN_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_trainer import ToyLM, lm_loss, make_data, config
+from prior.trainer import Trainer
+torch.manual_seed(0)
+trainer = Trainer(ToyLM(dropout=0.0), lm_loss, make_data(32), make_data(8, seed=1),
+                  config({out!r}, batch_size=4, max_steps=4, save_every=2, eval_every=2))
+result = trainer.train()
+if trainer.accelerator.is_main_process:
+    torch.save(trainer.accelerator.unwrap_model(trainer.model).state_dict(), {out!r} + "/final.pt")
+    print("RESULT", result.step, result.tokens_seen, trainer.accelerator.num_processes)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process_double_batch(tmp_path):
+    out = tmp_path / "ddp"
+    script = tmp_path / "ddp_run.py"
+    script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, textwrap.shorten(proc.stderr[-3000:], 3000)
+    assert "RESULT 4 352 2" in proc.stdout  # 4 steps x 2 processes x 4 rows x 11 tokens
+    ckpt = out / "checkpoints" / "step_0000004"
+    assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= {
+        p.name for p in ckpt.iterdir()
+    }
+
+    # the two shards of each global batch are what one process sees with batch_size 8
+    single = make_trainer(tmp_path / "single", data_size=32, dropout=0.0, batch_size=8, max_steps=4)
+    single.train()
+    ddp = torch.load(out / "final.pt")
+    ref = weights(single)
+    assert all(torch.allclose(ddp[k], ref[k], atol=1e-5) for k in ref)
