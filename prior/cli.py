@@ -4,6 +4,8 @@
     unimodal train CONFIG [key=value ...]     train from a YAML run config (task: vae | cola)
     unimodal eval-vae CHECKPOINT              held-out reconstruction + robustness curve of a Text VAE
     unimodal sample CHECKPOINT --prompt ...   generate text with a Cola pipeline
+    unimodal convert SRC DST                  released Cola DLM checkpoint -> pipeline folder
+    unimodal eval CHECKPOINT [--tasks ...]    generative benchmark (released 8 tasks / embedded set)
 
 CHECKPOINT is a run folder (its newest checkpoint is used) or an export folder holding
 ``text_vae/`` and ``tokenizer/``. Errors are printed as one line and exit with status 2.
@@ -160,6 +162,76 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    import torch
+
+    from prior.convert import convert_released
+
+    dtype = {"float32": None, "bfloat16": torch.bfloat16}[args.dtype]
+    out = convert_released(
+        args.src, args.dst, tokenizer=args.tokenizer, eos_token_id=args.eos_id, pad_token_id=args.pad_id,
+        dtype=dtype, overwrite=args.overwrite,
+    )  # fmt: skip
+    print(f"converted {args.src} -> {out} (load it with ColaTextPipeline.from_pretrained)")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+
+    from prior.generative_eval import evaluate_checkpoint
+
+    report = evaluate_checkpoint(
+        args.checkpoint, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit,
+        batch_size=args.batch_size, out_dir=args.out, released=args.released, device=args.device,
+        dtype={"float32": None, "bfloat16": torch.bfloat16}[args.dtype],
+        noise_seed=None if args.noise_seed < 0 else args.noise_seed, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+    )  # fmt: skip
+    mode = "released protocol" if report.settings["released"] else "our sampling loop"
+    print(f"{args.checkpoint}: {sum(report.settings['num_items'].values())} items, {mode}")
+    print(report.format(), end="")
+    if report.files is not None:
+        print(f"results: {report.files.json} and {report.files.markdown}")
+
+
+def _add_convert_and_eval_parsers(sub) -> None:
+    p = sub.add_parser("convert", help="released Cola DLM checkpoint folder -> ColaTextPipeline folder")
+    p.add_argument("src", help="released layout: cola_dit/, cola_vae/, tokenizer.json (here or in the parent)")
+    p.add_argument("dst", help="output pipeline folder (must be empty or absent)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the one found")
+    p.add_argument("--eos-id", type=int, default=None, help="EOS id when the tokenizer has no <|endoftext|>")
+    p.add_argument("--pad-id", type=int, default=None, help="PAD id when the tokenizer has no <|pad|>")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the saved weights")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("eval", help="generative benchmark: the 8 released tasks or the embedded task set")
+    p.add_argument("checkpoint", help="pipeline folder, Stage-2 run folder or released checkpoint folder")
+    p.add_argument("--tasks", default="embedded", help="embedded | released | comma-separated task names")
+    p.add_argument("--data-dir", default=None, help="folder of <task>.jsonl files (else HF datasets)")
+    p.add_argument("--limit", type=int, default=None, help="first N items per task (embedded: N items)")
+    p.add_argument("--batch-size", type=int, default=20)
+    p.add_argument("--out", default=None, help="write results.json, results.md, eval_config.json here")
+    p.add_argument(
+        "--released", action=argparse.BooleanOptionalAction, default=None,
+        help="released generation loop (default: on for released / converted checkpoints)",
+    )  # fmt: skip
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--steps", type=int, default=16, help="Euler steps per block")
+    p.add_argument("--guidance-scale", type=float, default=7.0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--noise-seed", type=int, default=66, help="per-item noise seed (released: 66); -1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.set_defaults(func=cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unimodal", description="Cola DLM: continuous latent diffusion LMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=6, help="samples to print")
     p.add_argument("--eval-batches", type=int, default=None, help="VAE evaluation batches (default: all)")
     p.set_defaults(func=cmd_quickstart)
+    _add_convert_and_eval_parsers(sub)
     return parser
 
 

@@ -85,8 +85,9 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 def timestep_freqs(dim: int = TIME_FREQ_DIM, max_period: float = 1e4) -> torch.Tensor:
     """f_k = exp(-ln(max_period) k / (dim/2)), k < dim/2: the exponent in fp32 as released, the exp in fp64
-    rounded once. fp32 ``torch.exp`` is 1-ulp different across CPUs, and at t ~ 1000 one ulp of f_k moves
-    the angle by ~5e-5 and the released DiT's velocity by ~1e-5; the rounded value is the same everywhere."""
+    rounded once, so the table is the same on every platform. fp32 ``exp`` is not: it can differ by an ulp
+    between CPUs (golden set A's machine differs from ours at k = 12, 13), and at t ~ 1000 one ulp of f_k
+    moves the angle by ~5e-5 and the released DiT's velocity by ~1e-5."""
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32) / half
     return torch.exp(exponent.double()).float()
@@ -451,7 +452,14 @@ _RELEASED_DEFAULTS = {  # ColaDiTConfig class defaults (spec §2)
     "head_dim": 128, "expand_ratio": 4, "num_layers": 24, "norm_eps": 1e-5, "qk_bias": False,
     "patch_size": 1, "rope_dim": 96, "block_size": 4,
 }  # fmt: skip
-_RELEASED_META_KEYS = {"architectures", "dtype", "torch_dtype", "transformers_version", "model_type"}
+_RELEASED_META_KEYS = {
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "transformers_version",
+    "model_type",
+    "_name_or_path",
+}
 
 # released key pattern -> our key template ({m} = modality); regex groups are re-used in order
 _RENAMES = [

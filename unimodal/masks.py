@@ -37,6 +37,7 @@ class AttentionMask:
     kv_len: int
     device: torch.device
     _dense: torch.Tensor | None = field(default=None, repr=False)
+    _block_mask: object | None = field(default=None, repr=False)
 
     def dense(self) -> torch.Tensor:
         """(B, 1, Lq, Lk) bool, True where attention is allowed (computed once, then reused)."""
@@ -48,12 +49,14 @@ class AttentionMask:
         return self._dense
 
     def block_mask(self, device: torch.device | str | None = None):
-        """A flex_attention BlockMask of the same relation (used on GPU)."""
+        """A flex_attention BlockMask of the same relation (used on GPU; built once, then reused)."""
         from torch.nn.attention.flex_attention import create_block_mask
 
-        return create_block_mask(
-            self.mask_mod, self.batch, None, self.q_len, self.kv_len, device=device or self.device
-        )
+        if self._block_mask is None:
+            self._block_mask = create_block_mask(
+                self.mask_mod, self.batch, None, self.q_len, self.kv_len, device=device or self.device
+            )
+        return self._block_mask
 
 
 def _block_index(positions: torch.Tensor, block_size: int | torch.Tensor) -> torch.Tensor:

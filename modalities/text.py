@@ -1,0 +1,106 @@
+"""The text modality: strings <-> Text VAE latent sequences, in blocks of ``block_size`` latents.
+
+Design choices
+--------------
+* **Tokenize without special tokens.** ``encode`` tokenizes with ``add_special_tokens=False`` (no
+  BOS/EOS is added; append EOS to the strings yourself when a document must end), right-pads the
+  batch with the tokenizer's PAD id and a token-level ``valid`` mask, and pads the length up to a
+  multiple of the VAE ``patch_size`` (the VAE refuses other lengths). A latent is valid when its
+  patch holds at least one real token (the VAE's rule).
+* **Latents = the VAE's normalised posterior mode** (``TextVAE.encode(...).latents``), exactly what
+  the prior trains on and what the decoder consumes; ``sample=True`` draws a normalised posterior
+  sample instead. No ``no_grad`` here: joint training back-propagates through ``encode``.
+* **Positions and blocks.** Positions are 0..N-1 per sample (latent index); block ids are
+  ``position // block_size``, the prior's block size ``B`` of DESIGN §3 (default 16 there, not the
+  VAE's own attention block size).
+* **Decoding** runs the VAE decoder on the segment alone (VAE positions 0..N-1, whatever offset the
+  segment had in a joint layout), takes greedy token ids on valid latents, drops PAD ids and, by
+  default, cuts each text at its first EOS, then ``tokenizer.decode``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from modalities.registry import LatentSequence, Modality, register_modality
+from unimodal.text_vae import TextVAE
+from unimodal.tokenization import check_special_tokens, model_vocab_size
+
+
+@register_modality("text")
+class TextModality(Modality):
+    """Texts <-> Text VAE latents ``(B, N, latent_dim)``; blocks of ``block_size`` latents."""
+
+    def __init__(self, vae: TextVAE, tokenizer: PreTrainedTokenizerBase, block_size: int) -> None:
+        check_special_tokens(tokenizer)
+        if model_vocab_size(tokenizer) > vae.config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {model_vocab_size(tokenizer)} ids but the Text VAE embeds {vae.config.vocab_size}"
+            )
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.vae, self.tokenizer, self.block_size = vae, tokenizer, int(block_size)
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.vae.config.latent_dim)
+
+    def block_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        return torch.div(positions, self.block_size, rounding_mode="floor")  # (B, N)
+
+    # ------------------------------------------------------------------------- encode
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """texts -> right-padded ids (B, L) and valid (B, L), L a multiple of the VAE patch size."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("texts must be a list of strings")
+        if len(texts) == 0:
+            raise ValueError("texts is empty")
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        for i, row in enumerate(ids):
+            if not row:
+                raise ValueError(f"text {i} tokenizes to no tokens: {texts[i]!r}")
+        p = self.vae.config.patch_size
+        length = -(-max(len(row) for row in ids) // p) * p  # round up to a multiple of p
+        input_ids = torch.full((len(ids), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        valid = torch.zeros(len(ids), length, dtype=torch.bool)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            valid[i, : len(row)] = True
+        return input_ids.to(self.vae.device), valid.to(self.vae.device)
+
+    def encode(
+        self, texts: Sequence[str], sample: bool = False, generator: torch.Generator | None = None
+    ) -> LatentSequence:
+        """texts -> normalised latents (B, N, d), N = ceil(max tokens / patch_size)."""
+        input_ids, valid = self.tokenize(texts)  # (B, L) each
+        encoded = self.vae.encode(input_ids, valid)
+        latents = self.vae.sample(encoded, generator) if sample else encoded.latents  # (B, N, d)
+        return self.layout(latents, encoded.valid)
+
+    # ------------------------------------------------------------------------- decode
+
+    @torch.no_grad()
+    def token_ids(self, sequence: LatentSequence | torch.Tensor, stop_at_eos: bool = True) -> list[list[int]]:
+        """Greedy token ids per sample: valid latents only, PAD dropped, cut at the first EOS."""
+        seq = self._as_sequence(sequence)
+        out = self.vae.decode(seq.latents, seq.valid)  # logits (B, N*p, V), valid (B, N*p)
+        ids, valid = out.logits.argmax(dim=-1).cpu(), out.valid.cpu()
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        rows = []
+        for row_ids, row_valid in zip(ids, valid):
+            row = [t for t in row_ids[row_valid].tolist() if t != pad]
+            if stop_at_eos and eos in row:
+                row = row[: row.index(eos)]
+            rows.append(row)
+        return rows
+
+    def decode(self, sequence: LatentSequence | torch.Tensor, stop_at_eos: bool = True) -> list[str]:
+        """Latents (B, N, d) or a LatentSequence -> one string per sample (greedy decoding)."""
+        return [self.tokenizer.decode(row) for row in self.token_ids(sequence, stop_at_eos)]
+
+
+__all__ = ["TextModality"]

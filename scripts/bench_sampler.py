@@ -1,0 +1,598 @@
+"""Benchmark the KV-cached Cola DLM sampler against a no-cache loop, the released loop and an AR model.
+
+One run, batch 1, random-weight models (the tiny configs by default: ``configs/text/cola_tiny.yaml``
+prior and ``configs/text/vae_tiny.yaml`` VAE; every size is a flag), prints:
+
+1. tokens/s of :class:`~prior.sampler.BlockSampler` (ours: KV caches, CFG batched) against
+   :class:`RecomputeLoop` (no cache: every denoising step re-runs the prior over the whole
+   ``[context | block]`` sequence, and every block re-runs the VAE decoder over everything);
+2. the first and the last block time of our sampler at the longest run (context grows to ~1,024);
+3. prior and VAE-decoder passes per block and per token of every loop;
+4. tokens/s of ours against :class:`ReleasedLoop`, the released inference loop (spec §6) re-built
+   on the same models: per block ``2K + 1`` prior calls (the conditional branch with the cache,
+   the unconditional branch alone as a second call, the commit) and a dense additive mask built
+   by a Python loop over the samples on every call (spec §5 ``create_na_block_causal_mask``);
+5. tokens/s against a transformers ``LlamaForCausalLM`` of the prior's width/depth (random
+   weights, KV cache, greedy, batch 1), and the theoretical pass ratio ``bs / (K + 2)``.
+
+Design choices
+--------------
+* **Same models, same noise, same tokens.** All three Cola loops share the VAE, the prior, the
+  prompt, the per-block noise, the time grid (released fp32 ``linspace(1000, 0, K + 1)``), greedy
+  decoding and the repetition penalty; in fp32 they must give the same tokens, which the report
+  checks (and the smoke test asserts), so every speedup is between equivalent computations.
+* **Passes are measured, not assumed.** Forward hooks on the prior and on the VAE decoder count
+  every pass; the end of each decoder pass marks a block boundary, so per-block call counts and
+  block times come from the same marks for every loop (the prefill window is reported apart).
+* **Timing.** ``time.perf_counter`` around each generation (prompt encoding and prefill
+  included), one short warm-up generation of every loop first, ``torch.inference_mode``,
+  default thread count. The ratios are measured in the same process, one after another; absolute
+  figures move with the machine's load.
+* **Released loop caveats.** The baseline keeps our post-RoPE KV cache, where the released code
+  caches pre-RoPE keys and re-applies RoPE / the VAE's k-norm to the whole cache on every call,
+  so if anything the baseline is faster than the real released loop. The Python mask loop is the
+  lenient reading (a loop over samples building index vectors, then one broadcast comparison).
+* Prompts are a whole number of blocks and the token counts are multiples of the block size, so
+  no first-block repaint happens and every loop generates whole blocks.
+
+    python scripts/bench_sampler.py                      # tiny config, fp32, 256 and 1,024 tokens
+    python scripts/bench_sampler.py --bf16 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from tqdm import tqdm
+
+from prior.mmdit import MMDiT
+from prior.sampler import BlockSampler, SamplerConfig, apply_repetition_penalty, sample_tokens
+from unimodal.attention import rope_inv_freq
+from unimodal.kv_cache import KVCache
+from unimodal.masks import AttentionMask
+from unimodal.text_vae import TextVAE
+
+LOOPS = ("cached", "recompute", "released")
+LOOP_TITLES = {"cached": "cached (ours)", "recompute": "recompute all", "released": "released loop"}
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class RunResult:
+    """One timed generation of one loop."""
+
+    loop: str
+    new_tokens: int
+    seconds: float
+    prior_calls: int  # all prior passes, prefill included
+    decoder_calls: int  # all VAE-decoder passes, prefill included
+    prefill_prior_calls: int
+    prefill_decoder_calls: int
+    block_seconds: list[float]  # per generated block, between consecutive decoder passes
+    block_prior_calls: list[int]
+    block_decoder_calls: list[int]
+    token_ids: list[int]
+    latents: torch.Tensor | None = field(default=None, repr=False)  # (blocks, bs, d); not in JSON
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "latents"}
+        return {**out, "tokens_per_s": self.tokens_per_s}
+
+
+@dataclass
+class ARResult:
+    """One timed greedy generation of the matched ``LlamaForCausalLM``."""
+
+    new_tokens: int
+    seconds: float
+    forward_calls: int
+    num_parameters: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s}
+
+
+@dataclass
+class BenchReport:
+    settings: dict
+    runs: list[RunResult]
+    ar: ARResult | None
+    summary: dict  # derived figures (speedups, ratios, equality checks), keyed by name
+
+    def run(self, loop: str, new_tokens: int) -> RunResult:
+        return next(r for r in self.runs if r.loop == loop and r.new_tokens == new_tokens)
+
+    def to_dict(self) -> dict:
+        return {
+            "settings": self.settings,
+            "runs": [r.to_dict() for r in self.runs],
+            "ar": None if self.ar is None else self.ar.to_dict(),
+            "summary": self.summary,
+        }
+
+
+# ----------------------------------------------------------------------------- pass counting
+
+
+class PassCounter:
+    """Counts prior and VAE-decoder forwards with hooks; marks (time, prior, decoder) after each decoder pass."""
+
+    def __init__(self, prior: torch.nn.Module, decoder: torch.nn.Module) -> None:
+        self.prior_calls, self.decoder_calls = 0, 0
+        self.marks: list[tuple[float, int, int]] = []
+        self._handles = [
+            prior.register_forward_hook(self._on_prior),
+            decoder.register_forward_hook(self._on_decoder),
+        ]
+
+    def _on_prior(self, *_) -> None:
+        self.prior_calls += 1
+
+    def _on_decoder(self, *_) -> None:
+        self.decoder_calls += 1
+        self.mark()
+
+    def mark(self) -> None:
+        self.marks.append((time.perf_counter(), self.prior_calls, self.decoder_calls))
+
+    def __enter__(self) -> PassCounter:
+        return self
+
+    def __exit__(self, *_) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+# ----------------------------------------------------------------------------- the released mask
+
+
+def na_block_causal_mask(
+    k_lens: Sequence[int], q_lens: Sequence[int], block_size: int, dtype: torch.dtype, device
+) -> torch.Tensor:
+    """The released ``create_na_block_causal_mask`` (spec §5): additive (1, 1, sum Lq, sum Lk).
+
+    Samples are concatenated on one axis; queries are the suffix of their sample's keys. Allowed
+    (0) iff same sample and ``q_local // bs >= k_local // bs``; elsewhere ``finfo(dtype).min``.
+    Built like the released helper: a Python loop over the samples, on every call.
+    """
+    k_sample, k_local, q_sample, q_local = [], [], [], []
+    for s, (k_len, q_len) in enumerate(zip(k_lens, q_lens)):
+        k_sample.append(torch.full((k_len,), s))
+        k_local.append(torch.arange(k_len))
+        q_sample.append(torch.full((q_len,), s))
+        q_local.append(torch.arange(k_len - q_len, k_len))
+    ks, kj, qs, qj = (torch.cat(parts).to(device) for parts in (k_sample, k_local, q_sample, q_local))
+    allowed = (qs[:, None] == ks[None, :]) & (qj[:, None] // block_size >= kj[None, :] // block_size)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]  # (1, 1, Lq, Lk)
+
+
+def as_attention_mask(additive: torch.Tensor) -> AttentionMask:
+    """Wrap an additive (1, 1, Lq, Lk) mask (batch 1 = the NA layout of one sample) for our models."""
+    allowed = additive == 0  # (1, 1, Lq, Lk) bool
+    _, _, q_len, kv_len = allowed.shape
+    return AttentionMask(
+        lambda b, h, q, kv: allowed[b, 0, q, kv], 1, q_len, kv_len, allowed.device, _dense=allowed
+    )
+
+
+# ----------------------------------------------------------------------------- the loops
+
+
+class CachedLoop:
+    """Ours: :class:`BlockSampler` (KV caches, CFG in one batched call, ``K + 1`` prior calls per block)."""
+
+    def __init__(self, vae: TextVAE, prior: MMDiT, steps: int, guidance: float, repetition_penalty: float):
+        self.vae, self.prior = vae, prior
+        self.settings = dict(
+            num_inference_steps=steps, guidance_scale=guidance, repetition_penalty=repetition_penalty,
+            stop_on_eos=False, whole_blocks=True,
+        )  # fmt: skip
+
+    def generate(self, prompt: list[int], noise: torch.Tensor, bar: tqdm) -> tuple[list[int], torch.Tensor]:
+        """noise (blocks, 1, bs, d) -> (token ids, latents (blocks, bs, d))."""
+        num_blocks, _, bs, _ = noise.shape
+        config = SamplerConfig(max_new_tokens=num_blocks * bs, **self.settings)
+        sampler = BlockSampler(self.vae, self.prior, FlowMatchEulerDiscreteScheduler(), config)
+        ids, latents = [], []
+        for out in sampler.stream([prompt], noise=lambda k, shape: noise[k]):
+            ids += out.token_ids[0]
+            latents.append(out.latents[0])
+            bar.update()
+        return ids, torch.stack(latents)
+
+
+class _ReferenceLoop:
+    """Block loop shared by the two baselines: K Euler steps with CFG, decode, greedy + penalty.
+
+    Subclasses say how a velocity is computed (:meth:`velocities`), how the prompt is prepared
+    (:meth:`start`) and how a finished block is committed and decoded (:meth:`finish`).
+    """
+
+    def __init__(self, vae: TextVAE, prior: MMDiT, steps: int, guidance: float, repetition_penalty: float):
+        self.vae, self.prior = vae, prior
+        self.guidance, self.penalty = guidance, repetition_penalty
+        self.grid = torch.linspace(1000.0, 0.0, steps + 1, dtype=torch.float32)  # released fp32 grid
+
+    def generate(self, prompt: list[int], noise: torch.Tensor, bar: tqdm) -> tuple[list[int], torch.Tensor]:
+        """noise (blocks, 1, bs, d) -> (token ids, latents (blocks, bs, d))."""
+        z = self.vae.encode(torch.tensor([prompt])).latents.float()  # (1, P, d)
+        self.start(z)
+        seen = torch.zeros(1, self.vae.config.vocab_size, dtype=torch.bool)
+        ids, latents = [], []
+        for eps in noise:  # (1, bs, d)
+            x = eps.clone()
+            for s in range(len(self.grid) - 1):
+                t = torch.full(x.shape[:2], float(self.grid[s]))  # (1, bs)
+                v_c, v_u = self.velocities(x, t)
+                v = self.guidance * (v_c - v_u) + v_u
+                x = x - float((self.grid[s] - self.grid[s + 1]) / 1000) * v
+            logits = self.finish(x).float()  # (1, bs, V)
+            block = sample_tokens(apply_repetition_penalty(logits, seen, self.penalty))  # greedy (1, bs)
+            seen[0, block[0]] = True
+            ids += block[0].tolist()
+            latents.append(x[0])
+            bar.update()
+        return ids, torch.stack(latents)
+
+    def _prior(self, x, t, positions, **kwargs) -> torch.Tensor:
+        out = self.prior(x.to(self.prior.dtype), t, positions=positions, **kwargs)
+        return out.velocity.float()
+
+    def start(self, z: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def velocities(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RecomputeLoop(_ReferenceLoop):
+    """No cache: every step re-runs the prior over ``[context | block]`` (conditional branch; the
+    unconditional one is the block alone, a second call), and every block re-runs the VAE decoder
+    over the whole sequence. ``2K`` prior calls per block, no prefill, no commit."""
+
+    def start(self, z: torch.Tensor) -> None:
+        self.context = z  # (1, S, d) clean latents: the prompt, then every finished block
+
+    def velocities(self, x, t):
+        seq = torch.cat((self.context, x), dim=1)  # (1, S + bs, d)
+        t_seq = torch.cat((torch.zeros(self.context.shape[:2]), t), dim=1)
+        positions = torch.arange(seq.shape[1])[None]
+        v_c = self._prior(seq, t_seq, positions)[:, -x.shape[1] :]
+        v_u = self._prior(x, t, torch.arange(x.shape[1])[None])
+        return v_c, v_u
+
+    def finish(self, x):
+        self.context = torch.cat((self.context, x), dim=1)
+        return self.vae.decode(self.context.to(self.vae.dtype)).logits[:, -x.shape[1] :]
+
+
+class ReleasedLoop(_ReferenceLoop):
+    """The released loop (spec §6), batch 1: KV caches, but CFG as two calls (conditional with the
+    cache, unconditional alone) and the additive NA mask rebuilt by a Python loop on every call.
+    ``2K + 1`` prior calls per block and one cached VAE-decoder call."""
+
+    def __init__(self, *args, mask_dtype: torch.dtype = torch.float32, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mask_dtype = mask_dtype
+        cfg = self.vae.config
+        self.vae_inv_freq = rope_inv_freq(cfg.dim // cfg.num_heads, cfg.rope_theta)
+
+    def _mask(self, k_len: int, q_len: int, block_size: int) -> AttentionMask:
+        return as_attention_mask(na_block_causal_mask([k_len], [q_len], block_size, self.mask_dtype, "cpu"))
+
+    def start(self, z: torch.Tensor) -> None:
+        self.prior_cache = KVCache(self.prior.config.num_layers)
+        self.vae_cache = self.vae.new_kv_cache()
+        if z.shape[1]:  # prefill both caches at t = 0
+            n = z.shape[1]
+            mask = self._mask(n, n, self.prior.config.block_size)
+            positions = torch.arange(n)[None]
+            self._prior(z, torch.zeros(1, n), positions, attn_mask=mask, kv_cache=self.prior_cache,
+                        update_cache=True)  # fmt: skip
+            self._decode(z)
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The released cached decoder call: its own NA mask, the cache appended. -> logits (1, n, V)."""
+        cache, n = self.vae_cache, x.shape[1]
+        positions = (cache.seq_len + torch.arange(n))[None]  # (1, n)
+        mask = self._mask(cache.seq_len + n, n, self.vae.config.block_size)
+        logits = self.vae.decoder(
+            x.to(self.vae.dtype), positions, self.vae_inv_freq, mask, cache, True, self.vae.attn_backend
+        )
+        cache.advance(positions, torch.ones(1, n, dtype=torch.bool))
+        return logits
+
+    def velocities(self, x, t):
+        bs, cached = x.shape[1], self.prior_cache.seq_len
+        block = self.prior.config.block_size
+        positions = (cached + torch.arange(bs))[None]
+        v_c = self._prior(x, t, positions, attn_mask=self._mask(cached + bs, bs, block),
+                          kv_cache=self.prior_cache)  # fmt: skip
+        v_u = self._prior(x, t, torch.arange(bs)[None], attn_mask=self._mask(bs, bs, block))
+        return v_c, v_u
+
+    def finish(self, x):
+        bs, cached = x.shape[1], self.prior_cache.seq_len
+        positions = (cached + torch.arange(bs))[None]
+        mask = self._mask(cached + bs, bs, self.prior.config.block_size)
+        self._prior(x, torch.zeros(1, bs), positions, attn_mask=mask, kv_cache=self.prior_cache,
+                    update_cache=True)  # fmt: skip
+        return self._decode(x)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def measure(name: str, loop, prompt: list[int], noise: torch.Tensor, progress: bool) -> RunResult:
+    """Time one generation and split its passes and time into prefill and per-block windows."""
+    vae, prior = loop.vae, loop.prior
+    num_blocks, _, bs, _ = noise.shape
+    bar = tqdm(total=num_blocks, desc=f"{LOOP_TITLES[name]} {num_blocks * bs} tok", disable=not progress,
+               leave=False, unit="block")  # fmt: skip
+    with PassCounter(prior, vae.decoder) as counter:
+        counter.mark()
+        start = time.perf_counter()
+        ids, latents = loop.generate(prompt, noise, bar)
+        seconds = time.perf_counter() - start
+    bar.close()
+    marks = counter.marks  # [start, end of each decoder pass]
+    windows = [(b[0] - a[0], b[1] - a[1], b[2] - a[2]) for a, b in zip(marks, marks[1:])]
+    prefill = len(windows) - num_blocks  # 1 when the loop prefills the decoder cache, else 0
+    if prefill not in (0, 1):
+        raise RuntimeError(f"{name}: {len(windows)} decoder passes for {num_blocks} blocks")
+    pre = windows[0] if prefill else (0.0, 0, 0)
+    # a loop without a decoder prefill counts its prior prefill (none here) in the first block
+    blocks = windows[prefill:]
+    return RunResult(
+        loop=name, new_tokens=len(ids), seconds=seconds, prior_calls=counter.prior_calls,
+        decoder_calls=counter.decoder_calls, prefill_prior_calls=pre[1], prefill_decoder_calls=pre[2],
+        block_seconds=[w[0] for w in blocks], block_prior_calls=[w[1] for w in blocks],
+        block_decoder_calls=[w[2] for w in blocks], token_ids=ids, latents=latents,
+    )  # fmt: skip
+
+
+def build_models(args: argparse.Namespace) -> tuple[TextVAE, MMDiT]:
+    """Random-weight VAE and prior (adaLN not zeroed, so the prior's velocity is not trivially 0)."""
+    torch.manual_seed(args.seed)
+    vae = TextVAE(
+        vocab_size=args.vocab, dim=args.vae_dim, ffn_dim=args.vae_ffn_dim, num_heads=args.vae_heads,
+        encoder_num_blocks=args.vae_layers, decoder_num_blocks=args.vae_layers, latent_dim=args.latent_dim,
+        block_size=args.vae_block_size, max_seq_len=args.max_seq_len, posterior="logsnr",
+    ).eval()  # fmt: skip
+    prior = MMDiT(
+        in_channels=[args.latent_dim], width=args.width, heads=args.heads, head_dim=args.head_dim,
+        rope_dim=args.rope_dim, mlp_ratio=args.mlp_ratio, num_layers=args.layers, block_size=args.block_size,
+        adaln_zero_init=False,
+    ).eval()  # fmt: skip
+    return vae, prior
+
+
+def run_autoregressive(args: argparse.Namespace, prompt: list[int], new_tokens: int) -> ARResult:
+    """Greedy KV-cached generation with a ``LlamaForCausalLM`` of the prior's width and depth."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.width, intermediate_size=round(args.mlp_ratio * args.width),
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        head_dim=args.head_dim, max_position_embeddings=args.max_seq_len, pad_token_id=0,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(config).eval()
+    input_ids = torch.tensor([prompt])
+    kwargs = dict(attention_mask=torch.ones_like(input_ids), use_cache=True, do_sample=False, pad_token_id=0)
+
+    def generate(n: int) -> torch.Tensor:
+        return model.generate(input_ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+
+    generate(min(8, new_tokens))  # warm-up
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        start = time.perf_counter()
+        out = generate(new_tokens)
+        seconds = time.perf_counter() - start
+    finally:
+        handle.remove()
+    generated = out.shape[1] - input_ids.shape[1]
+    if generated != new_tokens:
+        raise RuntimeError(f"the AR model generated {generated} tokens instead of {new_tokens}")
+    return ARResult(generated, seconds, len(calls), sum(p.numel() for p in model.parameters()))
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def summarize(args: argparse.Namespace, runs: list[RunResult], ar: ARResult | None) -> dict:
+    """Speedups, block-time ratio, passes per token and equality checks."""
+    by = {(r.loop, r.new_tokens): r for r in runs}
+    k, bs = args.steps, args.block_size
+    out: dict = {"theoretical_cola_passes_per_token": (k + 2) / bs, "theoretical_ar_passes_per_token": 1.0}
+    out["theoretical_pass_ratio_ar_over_cola"] = bs / (k + 2)
+    for n in args.tokens:
+        ours = by[("cached", n)]
+        for other in ("recompute", "released"):
+            ref = by[(other, n)]
+            out[f"speedup_vs_{other}@{n}"] = ours.tokens_per_s / ref.tokens_per_s
+            out[f"same_tokens_{other}@{n}"] = ours.token_ids == ref.token_ids
+            out[f"max_latent_diff_{other}@{n}"] = float((ours.latents - ref.latents).abs().max())
+        out[f"distinct_tokens@{n}"] = len(set(ours.token_ids))
+    longest = by[("cached", max(args.tokens))]
+    times = longest.block_seconds
+    out["first_block_s"], out["last_block_s"] = times[0], times[-1]
+    out["last_over_first_block"] = times[-1] / times[0]
+    head, tail = sorted(times[:4]), sorted(times[-4:])
+    out["last_over_first_block_median4"] = tail[len(tail) // 2] / head[len(head) // 2]
+    if ar is not None:
+        cola = by.get(("cached", ar.new_tokens))
+        if cola is not None:
+            out["cola_over_ar_tokens_per_s"] = cola.tokens_per_s / ar.tokens_per_s
+    return out
+
+
+def format_table(report: BenchReport) -> str:
+    s, summ = report.settings, report.summary
+    bs = s["block_size"]
+    lines = [
+        f"Cola DLM sampler benchmark | prior w{s['width']} L{s['layers']} {s['heads']}x{s['head_dim']} "
+        f"bs{bs} | VAE d{s['vae_dim']} {s['vae_layers']}+{s['vae_layers']} V{s['vocab']} | K={s['steps']} "
+        f"CFG={s['guidance']} | {'bf16 autocast' if s['bf16'] else 'fp32'} | batch 1 | prompt "
+        f"{s['prompt_len']} | {s['threads']} threads",
+        "",
+        f"{'loop':<15}{'new tok':>8}{'time s':>9}{'tok/s':>9}{'prior/blk':>10}{'dec/blk':>8}"
+        f"{'prior/tok':>10}{'dec/tok':>8}{'prefill p/d':>12}{'same tok':>9}",
+    ]
+    for r in sorted(report.runs, key=lambda r: (r.new_tokens, LOOPS.index(r.loop))):
+        per_blk = sum(r.block_prior_calls) / len(r.block_prior_calls)
+        dec_blk = sum(r.block_decoder_calls) / len(r.block_decoder_calls)
+        same = "-" if r.loop == "cached" else ("yes" if summ[f"same_tokens_{r.loop}@{r.new_tokens}"] else "NO")
+        lines.append(
+            f"{LOOP_TITLES[r.loop]:<15}{r.new_tokens:>8}{r.seconds:>9.2f}{r.tokens_per_s:>9.1f}"
+            f"{per_blk:>10.1f}{dec_blk:>8.1f}{per_blk / bs:>10.3f}{dec_blk / bs:>8.3f}"
+            f"{r.prefill_prior_calls:>6}/{r.prefill_decoder_calls:<5}{same:>9}"
+        )
+    if report.ar is not None:
+        a = report.ar
+        lines.append(
+            f"{'AR (Llama)':<15}{a.new_tokens:>8}{a.seconds:>9.2f}{a.tokens_per_s:>9.1f}{'':>10}{'':>8}"
+            f"{a.forward_calls / a.new_tokens:>10.3f}{'-':>8}"
+        )
+    lines.append("")
+    for n in s["tokens"]:
+        lines.append(
+            f"@{n} tokens: cached / recompute = {summ[f'speedup_vs_recompute@{n}']:.2f}x, cached / released "
+            f"= {summ[f'speedup_vs_released@{n}']:.2f}x; max |dlatent| vs recompute "
+            f"{summ[f'max_latent_diff_recompute@{n}']:.1e}, vs released {summ[f'max_latent_diff_released@{n}']:.1e}"
+        )
+    lines.append(
+        f"block time at {max(s['tokens'])} tokens (cached): first {summ['first_block_s'] * 1e3:.1f} ms, last "
+        f"{summ['last_block_s'] * 1e3:.1f} ms, last/first {summ['last_over_first_block']:.2f} "
+        f"(median of 4: {summ['last_over_first_block_median4']:.2f}; target <= 2)"
+    )
+    if report.ar is not None and "cola_over_ar_tokens_per_s" in summ:
+        lines.append(
+            f"vs AR ({report.ar.num_parameters / 1e6:.1f}M params) at {report.ar.new_tokens} tokens: Cola/AR "
+            f"tokens/s = {summ['cola_over_ar_tokens_per_s']:.2f}x; theoretical passes per token Cola "
+            f"(K+2)/{bs} = {summ['theoretical_cola_passes_per_token']:.3f} vs AR 1 -> "
+            f"{summ['theoretical_pass_ratio_ar_over_cola']:.2f}x fewer passes"
+        )
+    lines.append("targets: cached/recompute >= 10x at 1,024 tokens; cached/released >= 1.5x (tiny config)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = p.add_argument
+    add("--tokens", type=int, nargs="+", default=[256, 1024], help="new-token counts (block multiples)")
+    add("--steps", type=int, default=10, help="Euler steps K per block")
+    add("--guidance", type=float, default=3.0, help="CFG weight (must not be 1: CFG on)")
+    add("--repetition-penalty", type=float, default=1.1, help="released default 1.1")
+    add("--prompt-len", type=int, default=16, help="prompt tokens (a positive multiple of the block size)")
+    add("--ar-tokens", type=int, default=256, help="new tokens for the AR comparison (0 = skip it)")
+    add("--bf16", action="store_true", help="run everything under CPU bf16 autocast")
+    add("--seed", type=int, default=0)
+    add("--json", type=Path, default=None, help="also write the report as JSON")
+    add("--no-progress", action="store_true", help="hide the tqdm bars")
+    # prior (configs/text/cola_tiny.yaml)
+    add("--width", type=int, default=256)
+    add("--heads", type=int, default=4)
+    add("--head-dim", type=int, default=64)
+    add("--rope-dim", type=int, default=48)
+    add("--mlp-ratio", type=float, default=4.0)
+    add("--layers", type=int, default=4)
+    add("--block-size", type=int, default=16)
+    # VAE (configs/text/vae_tiny.yaml)
+    add("--vocab", type=int, default=4096)
+    add("--vae-dim", type=int, default=256)
+    add("--vae-ffn-dim", type=int, default=1024)
+    add("--vae-heads", type=int, default=4)
+    add("--vae-layers", type=int, default=2, help="encoder and decoder blocks each")
+    add("--latent-dim", type=int, default=16)
+    add("--vae-block-size", type=int, default=1)
+    add("--max-seq-len", type=int, default=2048)
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    bs = args.block_size
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.guidance == 1.0 or args.guidance < 0:
+        raise ValueError(f"--guidance must be >= 0 and != 1 (the benchmark runs with CFG), got {args.guidance}")
+    if args.prompt_len < bs or args.prompt_len % bs:
+        raise ValueError(f"--prompt-len must be a positive multiple of the block size {bs}, got {args.prompt_len}")
+    for n in args.tokens:
+        if n < 2 * bs or n % bs:
+            raise ValueError(f"--tokens {n} must be a multiple of the block size {bs} and >= 2 blocks")
+    if args.ar_tokens < 0 or args.ar_tokens % bs:
+        raise ValueError(f"--ar-tokens must be 0 or a multiple of the block size {bs}, got {args.ar_tokens}")
+    longest = args.prompt_len + max(max(args.tokens), args.ar_tokens)
+    if longest > args.max_seq_len:
+        raise ValueError(f"prompt + new tokens = {longest} exceed --max-seq-len {args.max_seq_len}")
+
+
+def main(argv: Sequence[str] | None = None) -> BenchReport:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    vae, prior = build_models(args)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    prompt = torch.randint(0, args.vocab, (args.prompt_len,), generator=gen).tolist()
+    max_blocks = max(*args.tokens, args.ar_tokens) // args.block_size
+    noise = torch.randn(max_blocks, 1, args.block_size, args.latent_dim, generator=gen)  # (blocks, 1, bs, d)
+    common = (vae, prior, args.steps, args.guidance, args.repetition_penalty)
+    mask_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    loops = {
+        "cached": CachedLoop(*common),
+        "recompute": RecomputeLoop(*common),
+        "released": ReleasedLoop(*common, mask_dtype=mask_dtype),
+    }
+    progress = not args.no_progress
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    runs, ar = [], None
+    with torch.inference_mode(), autocast:
+        for name, loop in loops.items():  # warm-up: two blocks of every loop
+            measure(name, loop, prompt, noise[:2], progress=False)
+        for n in args.tokens:
+            for name, loop in loops.items():
+                runs.append(measure(name, loop, prompt, noise[: n // args.block_size], progress))
+        if args.ar_tokens:
+            ar = run_autoregressive(args, prompt, args.ar_tokens)
+        if ar is not None and ar.new_tokens not in args.tokens:  # Cola at the AR token count too
+            blocks = noise[: ar.new_tokens // args.block_size]
+            runs.append(measure("cached", loops["cached"], prompt, blocks, progress))
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings["threads"] = torch.get_num_threads()
+    report = BenchReport(settings, runs, ar, summarize(args, runs, ar))
+    print(format_table(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report.to_dict(), indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

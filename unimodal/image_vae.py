@@ -1,0 +1,147 @@
+"""Image VAE: a thin adapter over ``diffusers.AutoencoderKL`` with the prior-boundary normalisation.
+
+Design choices
+--------------
+* **Reuse, don't re-implement.** The autoencoder is diffusers' ``AutoencoderKL`` unchanged (any
+  SD / SDXL / SD3 / FLUX VAE folder loads with :meth:`ImageVAE.from_pretrained`); this file only
+  fixes the conventions the prior relies on.
+* **Normalised latents at the boundary.** :meth:`ImageVAE.encode` returns
+  ``(z - shift_factor) * scaling_factor`` with both values read from the autoencoder's config
+  (``shift_factor`` None = 0, as SD 1.x/2.x/XL ship it). :meth:`ImageVAE.decode` inverts it,
+  ``z = latents / scaling_factor + shift_factor``, before ``AutoencoderKL.decode``: the usual
+  diffusers convention for images (unlike the Text VAE, whose decoder consumes normalised latents).
+* **Mode by default.** ``encode(..., sample=False)`` takes the posterior mode (its mean), so a
+  prompt image always maps to the same latents; ``sample=True`` draws
+  ``mean + std * eps`` with an optional ``torch.Generator``.
+* **Fail loudly.** Images must be ``(B, in_channels, H, W)`` in [-1, 1] with H, W multiples of the
+  spatial downsampling factor; out-of-range pixels (e.g. a [0, 255] tensor) raise instead of being
+  rescaled. Per-channel ``latents_mean`` / ``latents_std`` configs are refused (not this convention).
+* **Dtype/device.** Inputs are moved to the autoencoder's device and dtype; outputs keep that dtype.
+  Decoded images are returned unclamped (clamp to [-1, 1] for display).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from diffusers import AutoencoderKL
+
+
+class ImageVAE(nn.Module):
+    """``AutoencoderKL`` plus the latent normalisation: images (B, 3, H, W) <-> latents (B, C, h, w)."""
+
+    def __init__(self, autoencoder: AutoencoderKL) -> None:
+        super().__init__()
+        if not isinstance(autoencoder, AutoencoderKL):
+            raise TypeError(f"autoencoder must be a diffusers AutoencoderKL, got {type(autoencoder).__name__}")
+        cfg = autoencoder.config
+        for key in ("latents_mean", "latents_std"):
+            if getattr(cfg, key, None) is not None:
+                raise ValueError(f"AutoencoderKL config sets {key}; per-channel normalisation is not supported")
+        if not cfg.scaling_factor:
+            raise ValueError(f"AutoencoderKL scaling_factor must be non-zero, got {cfg.scaling_factor!r}")
+        self.autoencoder = autoencoder
+
+    # ------------------------------------------------------------------------- config views
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.autoencoder.config.scaling_factor)
+
+    @property
+    def shift_factor(self) -> float:
+        shift = self.autoencoder.config.shift_factor
+        return 0.0 if shift is None else float(shift)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.autoencoder.config.latent_channels)
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.autoencoder.config.in_channels)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Spatial reduction H / h: one 2x downsampling per encoder block but the last."""
+        return 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
+
+    # ------------------------------------------------------------------------- normalisation
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw autoencoder latents -> prior latents: ``(z - shift) * scale``."""
+        return (z - self.shift_factor) * self.scaling_factor
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Prior latents -> raw autoencoder latents: ``latents / scale + shift``."""
+        return latents / self.scaling_factor + self.shift_factor
+
+    # ------------------------------------------------------------------------- encode / decode
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        c, f = self.image_channels, self.downsample_factor
+        if images.ndim != 4 or images.shape[1] != c:
+            raise ValueError(f"images must be (B, {c}, H, W), got shape {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        if h % f or w % f or h == 0 or w == 0:
+            raise ValueError(f"image size {h}x{w} must be a positive multiple of the downsample factor {f}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be a float tensor in [-1, 1], got dtype {images.dtype}")
+        lo, hi = float(images.min()), float(images.max())
+        if lo < -1.0 or hi > 1.0:
+            raise ValueError(f"images must lie in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]")
+
+    def encode(
+        self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/f, W/f)."""
+        self._check_images(images)
+        ae = self.autoencoder
+        posterior = ae.encode(images.to(ae.device, ae.dtype)).latent_dist  # DiagonalGaussianDistribution
+        z = posterior.sample(generator=generator) if sample else posterior.mode()  # (B, C, h, w)
+        return self.normalize(z)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, h, w) -> images (B, 3, h*f, w*f), nominally in [-1, 1] (unclamped)."""
+        if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"latents must be (B, {self.latent_channels}, h, w), got shape {tuple(latents.shape)}"
+            )
+        ae = self.autoencoder
+        z = self.denormalize(latents.to(ae.device, ae.dtype))  # (B, C, h, w) raw
+        return ae.decode(z).sample  # (B, 3, H, W)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Reconstruction through the posterior mode: ``decode(encode(images))``."""
+        return self.decode(self.encode(images))
+
+    # ------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_id: str | os.PathLike, subfolder: str | None = None, **kwargs
+    ) -> ImageVAE:
+        """Load an ``AutoencoderKL`` from a local folder (offline) or a hub id.
+
+        ``subfolder`` selects e.g. ``"vae"`` inside a pipeline repository; ``kwargs`` (``torch_dtype``,
+        ``revision``, ...) go to ``AutoencoderKL.from_pretrained``. A local-looking path that does not
+        exist raises FileNotFoundError.
+        """
+        path = Path(path_or_id).expanduser()
+        name = str(path_or_id)
+        if path.exists():
+            folder = path / subfolder if subfolder else path
+            if not folder.is_dir():
+                raise FileNotFoundError(f"image VAE folder not found: {folder}")
+            kwargs.setdefault("local_files_only", True)
+            name = str(path)
+        elif name.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"image VAE path not found: {name}")
+        autoencoder = AutoencoderKL.from_pretrained(name, subfolder=subfolder, **kwargs)
+        return cls(autoencoder)
+
+
+__all__ = ["ImageVAE"]
