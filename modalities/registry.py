@@ -73,7 +73,9 @@ class LatentSequence:
                 raise ValueError(f"offset must be a scalar or (B={x.shape[0]},), got shape {tuple(by.shape)}")
             return x + (by[:, None] if by.ndim == 1 else by)
 
-        return LatentSequence(self.latents, self.valid, shift(self.positions, positions), shift(self.block_ids, blocks))
+        return LatentSequence(
+            self.latents, self.valid, shift(self.positions, positions), shift(self.block_ids, blocks)
+        )
 
 
 class Modality(ABC):
@@ -98,7 +100,9 @@ class Modality(ABC):
     def block_ids(self, positions: torch.Tensor) -> torch.Tensor:
         """Block id of every token (B, N) given its in-segment positions (B, N)."""
 
-    def positions(self, batch_size: int, num_tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
+    def positions(
+        self, batch_size: int, num_tokens: int, device: torch.device | str | None = None
+    ) -> torch.Tensor:
         """In-segment positions (B, N): 0..N-1 for every sample (the default scheme)."""
         return torch.arange(num_tokens, device=device).expand(batch_size, num_tokens)
 

@@ -36,10 +36,9 @@ class TextModality(Modality):
 
     def __init__(self, vae: TextVAE, tokenizer: PreTrainedTokenizerBase, block_size: int) -> None:
         check_special_tokens(tokenizer)
-        if model_vocab_size(tokenizer) > vae.config.vocab_size:
-            raise ValueError(
-                f"tokenizer has {model_vocab_size(tokenizer)} ids but the Text VAE embeds {vae.config.vocab_size}"
-            )
+        num_ids, vocab = model_vocab_size(tokenizer), vae.config.vocab_size
+        if num_ids > vocab:
+            raise ValueError(f"tokenizer has {num_ids} ids but the Text VAE embeds {vocab}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.vae, self.tokenizer, self.block_size = vae, tokenizer, int(block_size)

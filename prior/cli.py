@@ -184,7 +184,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         args.checkpoint, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit,
         batch_size=args.batch_size, out_dir=args.out, released=args.released, device=args.device,
         dtype={"float32": None, "bfloat16": torch.bfloat16}[args.dtype],
-        noise_seed=None if args.noise_seed < 0 else args.noise_seed, seed=args.seed,
+        noise_seed=None if args.noise_seed < 0 else args.noise_seed, seed=args.seed, num_shards=args.shards,
         max_new_tokens=args.max_new_tokens, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, repetition_penalty=args.repetition_penalty,
@@ -212,7 +212,8 @@ def _add_convert_and_eval_parsers(sub) -> None:
     p.add_argument("--tasks", default="embedded", help="embedded | released | comma-separated task names")
     p.add_argument("--data-dir", default=None, help="folder of <task>.jsonl files (else HF datasets)")
     p.add_argument("--limit", type=int, default=None, help="first N items per task (embedded: N items)")
-    p.add_argument("--batch-size", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=20, help="items per batch (released: 20 per GPU)")
+    p.add_argument("--shards", type=int, default=1, help="batch like N strided shards (released: 8 GPUs)")
     p.add_argument("--out", default=None, help="write results.json, results.md, eval_config.json here")
     p.add_argument(
         "--released", action=argparse.BooleanOptionalAction, default=None,

@@ -30,8 +30,13 @@ Design choices
   read from ``<data_dir>/<task>.jsonl`` when that file exists, else from its public HF dataset
   (``load_task_hf``); ``limit`` keeps the first items (for the embedded tasks: at most ``limit``
   items per task, default 100).
-* Batches follow the task's item order (``batch_size`` items, default 20 as released per GPU);
-  a tqdm bar counts items.
+* **Batches matter in the released loop**: a sample that meets EOS keeps receiving blocks while
+  others in its batch run (whole blocks, nothing cut at EOS), so its text depends on the batch.
+  :func:`released_batches` forms batches like the released runner: ``num_shards`` strided shards
+  ``items[rank::num_shards]`` (8 GPUs), each cut into ``batch_size`` chunks (20);
+  ``unimodal eval --shards 8 --batch-size 20`` reproduces that grouping on one device. Our loop
+  cuts at EOS and ``max_new_tokens``, so there the batching does not change the texts. A tqdm bar
+  counts items.
 """
 
 from __future__ import annotations
@@ -188,6 +193,18 @@ def load_tasks(
     return tasks
 
 
+def released_batches(items: Sequence, batch_size: int, num_shards: int = 1) -> list[list]:
+    """Batches as the released runner forms them: strided shards ``items[rank::num_shards]`` in rank
+    order, each cut into consecutive chunks of ``batch_size``."""
+    if batch_size < 1 or num_shards < 1:
+        raise ValueError(f"batch_size and num_shards must be >= 1, got {batch_size} and {num_shards}")
+    batches = []
+    for rank in range(num_shards):
+        shard = list(items[rank::num_shards])
+        batches += [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)]
+    return batches
+
+
 # ---------------------------------------------------------------------------------------- evaluation
 
 
@@ -218,14 +235,14 @@ def run_generative_eval(
     seed: int = 0,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    num_shards: int = 1,
     **generation,
 ) -> EvalReport:
     """Generate an answer for every item, score each task, optionally write the results files.
 
-    ``generation``: overrides of the released settings (:func:`generation_kwargs`).
+    ``generation``: overrides of the released settings (:func:`generation_kwargs`);
+    ``num_shards``: see :func:`released_batches`.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not tasks:
         raise ValueError("no tasks to evaluate")
     call_kwargs = generation_kwargs(released=released, **generation)
@@ -236,26 +253,26 @@ def run_generative_eval(
     with tqdm(total=total, desc="eval", unit="item", disable=not progress) as bar:
         for task, items in tasks.items():
             bar.set_postfix_str(task)
-            task_records = []
-            for start in range(0, len(items), batch_size):
-                batch = items[start : start + batch_size]
-                texts = generate_texts(
+            texts: dict[int, str] = {}
+            for n, batch in enumerate(released_batches(range(len(items)), batch_size, num_shards)):
+                generated = generate_texts(
                     pipe,
-                    [it.prompt for it in batch],
-                    keys=[sample_key(it.id) for it in batch],
+                    [items[i].prompt for i in batch],
+                    keys=[sample_key(items[i].id) for i in batch],
                     noise_seed=noise_seed,
-                    seed=seed + start,
+                    seed=seed + n,
                     **call_kwargs,
                 )
-                task_records += [it.record(text) for it, text in zip(batch, texts)]
+                texts.update(zip(batch, generated))
                 bar.update(len(batch))
-            prepared = score_records(task, task_records)
+            prepared = score_records(task, [it.record(texts[i]) for i, it in enumerate(items)])
             correct = sum(bool(r["correct"]) for r in prepared.records)
             records[task] = prepared
             scores.append(TaskScore(task, correct, len(items), 100.0 * correct / len(items)))
     settings = {
         "generation": call_kwargs,
         "batch_size": batch_size,
+        "num_shards": num_shards,
         "noise_seed": noise_seed,
         "seed": seed,
         "stop_token_ids": pipe.stop_token_ids(),
@@ -282,6 +299,7 @@ def evaluate_checkpoint(
     noise_seed: int | None = RELEASED_NOISE_SEED,
     seed: int = 0,
     progress: bool = True,
+    num_shards: int = 1,
     **generation,
 ) -> EvalReport:
     """``unimodal eval``: load a pipeline / run / released folder, load the tasks, evaluate.
@@ -299,7 +317,7 @@ def evaluate_checkpoint(
         released = getattr(pipe, "release_record", None) is not None
     report = run_generative_eval(
         pipe, items, batch_size=batch_size, released=released, noise_seed=noise_seed, seed=seed,
-        out_dir=out_dir, progress=progress, **generation,
+        out_dir=out_dir, progress=progress, num_shards=num_shards, **generation,
     )  # fmt: skip
     report.settings.update(checkpoint=str(path), tasks=names, released=released, device=str(device))
     if out_dir is not None:
@@ -317,6 +335,7 @@ __all__ = [
     "load_tasks",
     "parse_task_names",
     "per_sample_noise",
+    "released_batches",
     "run_generative_eval",
     "sample_key",
 ]

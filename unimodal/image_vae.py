@@ -36,11 +36,15 @@ class ImageVAE(nn.Module):
     def __init__(self, autoencoder: AutoencoderKL) -> None:
         super().__init__()
         if not isinstance(autoencoder, AutoencoderKL):
-            raise TypeError(f"autoencoder must be a diffusers AutoencoderKL, got {type(autoencoder).__name__}")
+            raise TypeError(
+                f"autoencoder must be a diffusers AutoencoderKL, got {type(autoencoder).__name__}"
+            )
         cfg = autoencoder.config
         for key in ("latents_mean", "latents_std"):
             if getattr(cfg, key, None) is not None:
-                raise ValueError(f"AutoencoderKL config sets {key}; per-channel normalisation is not supported")
+                raise ValueError(
+                    f"AutoencoderKL config sets {key}; per-channel normalisation is not supported"
+                )
         if not cfg.scaling_factor:
             raise ValueError(f"AutoencoderKL scaling_factor must be non-zero, got {cfg.scaling_factor!r}")
         self.autoencoder = autoencoder
@@ -127,8 +131,8 @@ class ImageVAE(nn.Module):
         """Load an ``AutoencoderKL`` from a local folder (offline) or a hub id.
 
         ``subfolder`` selects e.g. ``"vae"`` inside a pipeline repository; ``kwargs`` (``torch_dtype``,
-        ``revision``, ...) go to ``AutoencoderKL.from_pretrained``. A local-looking path that does not
-        exist raises FileNotFoundError.
+        ``revision``, ...) go to ``AutoencoderKL.from_pretrained``. A missing path, a folder without an
+        autoencoder, or a hub id that cannot be fetched raises FileNotFoundError.
         """
         path = Path(path_or_id).expanduser()
         name = str(path_or_id)
@@ -140,7 +144,11 @@ class ImageVAE(nn.Module):
             name = str(path)
         elif name.startswith((".", "/", "~")):
             raise FileNotFoundError(f"image VAE path not found: {name}")
-        autoencoder = AutoencoderKL.from_pretrained(name, subfolder=subfolder, **kwargs)
+        try:
+            autoencoder = AutoencoderKL.from_pretrained(name, subfolder=subfolder, **kwargs)
+        except OSError as e:  # hub ids: not found, offline, or no config.json
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FileNotFoundError(f"image VAE {name!r} could not be loaded ({first})") from e
         return cls(autoencoder)
 
 

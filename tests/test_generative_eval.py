@@ -1,0 +1,158 @@
+"""`unimodal eval` on a tiny random pipeline: the embedded task set (offline) and local jsonl tasks."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from prior.cli import main as cli_main
+from prior.eval_tasks import RELEASED_TASKS, load_task_jsonl
+from prior.generative_eval import (
+    generate_texts,
+    generation_kwargs,
+    load_tasks,
+    parse_task_names,
+    per_sample_noise,
+    released_batches,
+    run_generative_eval,
+    sample_key,
+)
+from prior.mmdit import MMDiT
+from prior.pipeline_cola_text import ColaTextPipeline
+from unimodal.text_vae import TextVAE
+from unimodal.tokenization import model_vocab_size, train_bpe_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+DATA = Path(__file__).parent / "data" / "eval_tasks"
+SENTENCES = [
+    "The answer is (B). Question: what is the capital of France? Answer: Paris.",
+    "She poured the tea and said it was too hot to drink.",
+    "Read the following article and answer the question. Options: (A) one (B) two",
+] * 3
+FAST = ["--steps", "2", "--max-new-tokens", "8", "--batch-size", "4"]
+
+
+def tiny_pipeline() -> ColaTextPipeline:
+    tokenizer = train_bpe_tokenizer(SENTENCES, vocab_size=300)
+    torch.manual_seed(0)
+    vae = TextVAE(
+        vocab_size=model_vocab_size(tokenizer), dim=32, ffn_dim=64, num_heads=2, encoder_num_blocks=1,
+        decoder_num_blocks=1, latent_dim=4, block_size=2, max_seq_len=2048,
+    )  # fmt: skip
+    prior = MMDiT(in_channels=[4], width=32, heads=2, head_dim=16, rope_dim=8, num_layers=1, block_size=4,
+                  adaln_zero_init=False)  # fmt: skip
+    pipe = ColaTextPipeline(vae.eval(), prior.eval(), FlowMatchEulerDiscreteScheduler(), tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("pipe")
+    tiny_pipeline().save_pretrained(path)
+    return path
+
+
+def test_cli_eval_embedded_offline(pipe_dir, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert cli_main(["eval", str(pipe_dir), "--tasks", "embedded", "--limit", "3", "--out", str(out), *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "| Next word (embedded) |" in printed and "| Continuation (embedded) |" in printed
+    assert "**Average**" in printed and "our sampling loop" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["summary"]["tasks"]) == {"next_word", "continuation"}
+    for task, summary in results["summary"]["tasks"].items():
+        assert summary["total"] == 3 and 0 <= summary["correct"] <= 3
+        records = results["tasks"][task]["records"]
+        assert len(records) == 3 and all(isinstance(r["generation"], str) and "correct" in r for r in records)
+    assert (out / "results.md").read_text().startswith("| task | accuracy |")
+    config = json.loads((out / "eval_config.json").read_text())
+    assert config["generation"]["max_new_tokens"] == 8 and config["released"] is False
+
+
+def test_cli_eval_local_jsonl_released_protocol(pipe_dir, tmp_path, capsys):
+    args = ["eval", str(pipe_dir), "--tasks", "lambada,mmlu,squad", "--data-dir", str(DATA), "--limit", "2"]
+    assert cli_main([*args, "--released", "--out", str(tmp_path), *FAST]) == 0
+    printed = capsys.readouterr().out
+    for name in ("LAMBADA", "MMLU", "SQuAD"):
+        assert f"| {name} |" in printed
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]
+    assert [v["total"] for v in summary["tasks"].values()] == [2, 2, 2]
+    config = json.loads((tmp_path / "eval_config.json").read_text())
+    assert config["released"] and config["generation"]["released_compat"]
+    assert config["generation"]["repetition_penalty"] == 1.1 and config["generation"]["guidance_scale"] == 7.0
+
+
+def test_cli_eval_unknown_task_and_missing_data(pipe_dir, tmp_path, capsys):
+    assert cli_main(["eval", str(pipe_dir), "--tasks", "nope"]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert cli_main(["eval", str(pipe_dir), "--tasks", "lambada", "--data-dir", str(tmp_path)]) == 2
+    assert "task 'lambada'" in capsys.readouterr().err
+
+
+def test_every_released_task_loads_from_local_jsonl():
+    names = parse_task_names("released")
+    assert names == list(RELEASED_TASKS)
+    tasks = load_tasks(names, data_dir=DATA, limit=1)
+    assert [len(items) for items in tasks.values()] == [1] * 8
+    assert tasks["mmlu"][0].prompt == load_task_jsonl(DATA / "mmlu.jsonl", "mmlu", 1)[0].prompt
+
+
+def test_released_preset_is_one_switch():
+    released, ours = generation_kwargs(released=True), generation_kwargs(released=False)
+    assert released == {
+        "num_inference_steps": 16, "guidance_scale": 7.0, "shift": 1.0, "first_block": "clean_repaint",
+        "repaint_fraction": 0.5, "max_new_tokens": 32, "temperature": 0.0, "top_k": 50, "top_p": 0.9,
+        "repetition_penalty": 1.1, "stop_on_eos": True, "whole_blocks": True, "released_compat": True,
+    }  # fmt: skip
+    assert ours["released_compat"] is False and ours["whole_blocks"] is None
+    assert generation_kwargs(guidance_scale=3.0)["guidance_scale"] == 3.0
+    with pytest.raises(ValueError, match="unknown generation setting 'bogus'"):
+        generation_kwargs(bogus=1)
+
+
+def test_per_item_noise_makes_results_independent_of_the_batch():
+    pipe = tiny_pipeline()
+    prompts = ["The answer is", "She poured the tea and", "Options: (A) one"]
+    keys = [sample_key(f"item-{i}") for i in range(3)]
+    ours = generation_kwargs(released=False, num_inference_steps=2, max_new_tokens=8)
+    together = generate_texts(pipe, prompts, keys=keys, **ours)
+    alone = [generate_texts(pipe, [p], keys=[k], **ours)[0] for p, k in zip(prompts, keys)]
+    assert together == alone
+    # released loop: a finished sample keeps generating while others run (whole blocks, as released),
+    # so alone it yields a prefix of its batched ids
+    released = generation_kwargs(num_inference_steps=2, max_new_tokens=12, output_type="ids")
+
+    def ids(batch, batch_keys):
+        return pipe(batch, noise=per_sample_noise(batch_keys, 66, "cpu"), **released).token_ids
+
+    batched = ids(prompts, keys)
+    for i, (p, k) in enumerate(zip(prompts, keys)):
+        single = ids([p], [k])[0]
+        assert batched[i][: len(single)] == single
+    assert sample_key("17") == 17 and sample_key("lambada-0") == sample_key("lambada-0") != sample_key("x")
+    a = per_sample_noise([5, 6], seed=66, device="cpu")(1, (2, 4, 3))
+    b = per_sample_noise([6], seed=66, device="cpu")(1, (1, 4, 3))
+    assert torch.equal(a[1], b[0]) and not torch.equal(a[0], a[1])
+
+
+def test_released_sharded_batching_order():
+    items = list(range(7))
+    assert released_batches(items, batch_size=2, num_shards=3) == [[0, 3], [6], [1, 4], [2, 5]]
+    assert released_batches(items, batch_size=3) == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_run_generative_eval_scores_every_item(tmp_path):
+    pipe = tiny_pipeline()
+    tasks = load_tasks(["story_cloze", "siqa"], data_dir=DATA)
+    report = run_generative_eval(
+        pipe, tasks, batch_size=2, num_inference_steps=2, max_new_tokens=4, progress=False, out_dir=tmp_path
+    )
+    assert [s.task for s in report.scores] == ["story_cloze", "siqa"]
+    assert all(s.total == len(tasks[s.task]) for s in report.scores)
+    assert report.average == pytest.approx(sum(s.accuracy for s in report.scores) / 2)
+    assert report.files.json.is_file() and "| Story Cloze |" in report.format()
