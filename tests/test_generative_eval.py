@@ -27,6 +27,15 @@ from unimodal.tokenization import model_vocab_size, train_bpe_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models: one intra-op thread is much faster than two on a shared CPU (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 DATA = Path(__file__).parent / "data" / "eval_tasks"
 SENTENCES = [
     "The answer is (B). Question: what is the capital of France? Answer: Paris.",

@@ -97,13 +97,28 @@ def block_causal_mask(
         q5     x  x  x  x  x  x
     """
     q_blk, k_blk = _block_index(q_pos, block_size), _block_index(k_pos, block_size)
-    q_valid = _ones(q_pos) if q_valid is None else q_valid
-    k_valid = _ones(k_pos) if k_valid is None else k_valid
+    return block_id_mask(q_blk, k_blk, q_valid, k_valid)
+
+
+def block_id_mask(
+    q_blocks: torch.Tensor,
+    k_blocks: torch.Tensor,
+    q_valid: torch.Tensor | None = None,
+    k_valid: torch.Tensor | None = None,
+) -> AttentionMask:
+    """Block-causal attention over explicit block ids: a query sees keys whose block id <= its own.
+
+    q_blocks: (B, Lq), k_blocks: (B, Lk) int. For layouts where blocks are not position // size,
+    e.g. a multimodal sequence ``[text blocks 0..3 | one image block 4]`` (the image's tokens all
+    carry id 4: bidirectional inside the image, causal with respect to the text before it).
+    """
+    q_valid = _ones(q_blocks) if q_valid is None else q_valid
+    k_valid = _ones(k_blocks) if k_valid is None else k_valid
 
     def mask_mod(b, h, q, kv):
-        return (k_blk[b, kv] <= q_blk[b, q]) & (k_valid[b, kv] | ~q_valid[b, q])
+        return (k_blocks[b, kv] <= q_blocks[b, q]) & (k_valid[b, kv] | ~q_valid[b, q])
 
-    return AttentionMask(mask_mod, q_pos.shape[0], q_pos.shape[1], k_pos.shape[1], q_pos.device)
+    return AttentionMask(mask_mod, q_blocks.shape[0], q_blocks.shape[1], k_blocks.shape[1], q_blocks.device)
 
 
 def causal_mask(
