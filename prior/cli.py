@@ -56,14 +56,18 @@ def cmd_eval_vae(args: argparse.Namespace) -> None:
 
 
 def load_pipeline(path: str | Path):
-    """A ColaTextPipeline from a pipeline folder or a Stage-2 run folder (its newest checkpoint)."""
-    from prior.pipeline_cola_text import ColaTextPipeline
-    from prior.recipes import resolve_export
+    """A ColaTextPipeline from a pipeline folder, a Stage-2 run folder (its newest checkpoint) or a
+    released-layout folder (``cola_dit/``, ``cola_vae/``, ``tokenizer.json``)."""
+    from prior.convert import load_pipeline as load
 
-    return ColaTextPipeline.from_pretrained(resolve_export(path, "prior"))
+    return load(path)
 
 
 def _generate_kwargs(args: argparse.Namespace) -> dict:
+    if getattr(args, "released", False):  # the released protocol; flags given explicitly override it
+        from prior.generative_eval import generation_kwargs
+
+        return generation_kwargs(released=True, max_new_tokens=args.max_new_tokens)
     return dict(
         max_new_tokens=args.max_new_tokens,
         num_inference_steps=args.steps,
@@ -96,10 +100,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
-    from prior.evaluation import evaluate_text_vae, generation_report
+    from prior.evaluation import evaluate_text_vae
     from prior.recipes import resolve_export, train_cola, train_text_vae
     from prior.run_config import load_run_config
-    from unimodal.text_data import build_text_datasets, load_documents
+    from unimodal.text_data import build_text_datasets
     from unimodal.tokenization import load_tokenizer
 
     configs = Path(__file__).resolve().parents[1] / "configs" / "text"
@@ -129,25 +133,40 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     train_cola(cola_cfg)
 
     print("== Samples ==")
-    pipe = load_pipeline(out / "cola")
-    pipe.set_progress_bar_config(disable=True)
-    train_texts, val_texts = load_documents(cola_cfg.data)
     s = cola_cfg.sampler
-    report = generation_report(
-        pipe,
-        train_texts,
-        val_texts,
-        num_prompts=args.num_prompts,
-        new_tokens=s.max_new_tokens,
-        num_inference_steps=s.num_inference_steps,
-        guidance_scale=s.guidance_scale,
-        first_block=s.first_block,
-        temperature=s.temperature,
-        top_k=s.top_k,
-        top_p=s.top_p,
-        repetition_penalty=s.repetition_penalty,
+    print(_samples_report(out / "cola", cola_cfg, args.num_prompts, args.show, _sampler_kwargs(s)))
+
+
+def _sampler_kwargs(s) -> dict:
+    """Pipeline keyword arguments from a SamplerConfig (the run's ``sampler:`` section)."""
+    names = ("num_inference_steps", "guidance_scale", "first_block", "temperature", "top_k", "top_p")
+    return {
+        "new_tokens": s.max_new_tokens,
+        "repetition_penalty": s.repetition_penalty,
+        **{n: getattr(s, n) for n in names},
+    }
+
+
+def _samples_report(checkpoint, cfg, num_prompts: int, show: int, kwargs: dict) -> str:
+    from prior.evaluation import generation_report
+    from unimodal.text_data import load_documents
+
+    pipe = load_pipeline(checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    train_texts, val_texts = load_documents(cfg.data)
+    return generation_report(pipe, train_texts, val_texts, num_prompts=num_prompts, **kwargs).format(
+        show=show
     )
-    print(report.format(show=args.show))
+
+
+def cmd_eval_samples(args: argparse.Namespace) -> None:
+    from prior.run_config import RunConfig, load_run_config
+
+    run_yaml = args.config or _find_run_config(Path(args.checkpoint))
+    cfg = load_run_config(run_yaml) if run_yaml else RunConfig()
+    kwargs = _generate_kwargs(args)
+    kwargs["new_tokens"] = kwargs.pop("max_new_tokens")
+    print(_samples_report(args.checkpoint, cfg, args.num_prompts, args.show, kwargs))
 
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
@@ -198,12 +217,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def _add_convert_and_eval_parsers(sub) -> None:
     p = sub.add_parser("convert", help="released Cola DLM checkpoint folder -> ColaTextPipeline folder")
-    p.add_argument("src", help="released layout: cola_dit/, cola_vae/, tokenizer.json (here or in the parent)")
+    p.add_argument("src", help="released layout: cola_dit/, cola_vae/, tokenizer.json (here or its parent)")
     p.add_argument("dst", help="output pipeline folder (must be empty or absent)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the one found")
     p.add_argument("--eos-id", type=int, default=None, help="EOS id when the tokenizer has no <|endoftext|>")
     p.add_argument("--pad-id", type=int, default=None, help="PAD id when the tokenizer has no <|pad|>")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the saved weights")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="saved weights' dtype")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=cmd_convert)
 
@@ -254,8 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="pipeline folder or Stage-2 run folder")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch; '' = unconditional")
     p.add_argument("--stream", action="store_true", help="print text block by block")
+    p.add_argument(
+        "--released", action="store_true", help="the released inference protocol (prior.generative_eval)"
+    )
     _add_generation_flags(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser(
+        "eval-samples", help="samples of a Cola pipeline on held-out prompts + quality figures"
+    )
+    p.add_argument("checkpoint", help="pipeline folder or Stage-2 run folder")
+    p.add_argument("--config", default=None, help="run YAML for the data section (default: the run's own)")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--show", type=int, default=6, help="samples to print")
+    _add_generation_flags(p)
+    p.set_defaults(func=cmd_eval_samples)
 
     p = sub.add_parser("quickstart", help="tiny Stage 1 + Stage 2 on the embedded corpus, then samples")
     p.add_argument("--output-dir", default="runs/quickstart")

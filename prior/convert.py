@@ -2,9 +2,10 @@
 
 The released model (``ByteDance-Seed/Cola-DLM`` on the HF hub) is laid out as::
 
-    cola_dit/config.json  + model.safetensors  or  model-0000k-of-0000N.safetensors + model.safetensors.index.json
-    cola_vae/config.json  + model.safetensors  (or sharded, the same way)
-    tokenizer.json        (in the folder, or in its parent: the official README's ``hf_models/`` layout)
+    cola_dit/config.json + model.safetensors
+                           (or model-0000k-of-0000N.safetensors + model.safetensors.index.json)
+    cola_vae/config.json + model.safetensors  (or sharded, the same way)
+    tokenizer.json       (in the folder, or in its parent: the official README's ``hf_models/`` layout)
 
 :func:`load_released_pipeline` reads such a folder into a pipeline in memory;
 :func:`convert_released` (``unimodal convert SRC DST``) saves it as a pipeline folder that
@@ -86,7 +87,9 @@ def is_released_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / "cola_dit" / "config.json").is_file()
 
 
-def find_released_layout(folder: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> ReleasedLayout:
+def find_released_layout(
+    folder: str | os.PathLike, tokenizer: str | os.PathLike | None = None
+) -> ReleasedLayout:
     """Locate ``cola_dit/``, ``cola_vae/`` and ``tokenizer.json`` (``tokenizer`` overrides the search)."""
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -103,7 +106,11 @@ def find_released_layout(folder: str | os.PathLike, tokenizer: str | os.PathLike
         if not tok.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {tok}")
     else:
-        candidates = [root / "tokenizer.json", root / "tokenizer" / "tokenizer.json", root.parent / "tokenizer.json"]
+        candidates = [
+            root / "tokenizer.json",
+            root / "tokenizer" / "tokenizer.json",
+            root.parent / "tokenizer.json",
+        ]
         tok = next((c for c in candidates if c.is_file()), None)
         if tok is None:
             raise FileNotFoundError(
@@ -350,7 +357,10 @@ def release_record(pipe: ColaTextPipeline, source: str | os.PathLike) -> dict:
         "source": str(source),
         "special_token_ids": dataclasses.asdict(ids),
         "stop_token_ids": pipe.stop_token_ids(),
-        "latent_normalization": {"scaling_factor": vae.scaling_factor, "shifting_factor": vae.shifting_factor},
+        "latent_normalization": {
+            "scaling_factor": vae.scaling_factor,
+            "shifting_factor": vae.shifting_factor,
+        },
         "block_size": {"prior": pipe.prior.config.block_size, "text_vae": vae.block_size},
         "vocab_size": vae.vocab_size,
         "generation": released_generation_defaults(),

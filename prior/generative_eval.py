@@ -77,7 +77,8 @@ TASK_SETS = {"embedded": EMBEDDED_TASKS, "released": RELEASED_TASKS, "all": RELE
 def generation_kwargs(released: bool = True, **overrides) -> dict:
     """``ColaTextPipeline.__call__`` keyword arguments of the released protocol (spec §6).
 
-    ``released=False`` keeps the released numbers but turns ``released_compat`` off (our loop);
+    ``released=False`` keeps the released numbers but turns ``released_compat`` off (our loop,
+    the scheduler's own ``shift``);
     ``overrides`` replace single settings (``max_new_tokens=16``, ``guidance_scale=3.0``, ...).
     """
     call_params = inspect.signature(ColaTextPipeline.__call__).parameters
@@ -85,8 +86,8 @@ def generation_kwargs(released: bool = True, **overrides) -> dict:
     if unknown:
         raise ValueError(f"unknown generation setting {unknown[0]!r}")
     kwargs = {k: v for k, v in released_generation_defaults().items() if k in call_params}
-    if not released:
-        kwargs.update(released_compat=False, whole_blocks=None)
+    if not released:  # our loop, on the checkpoint's own time grid (its scheduler's shift)
+        kwargs.update(released_compat=False, whole_blocks=None, shift=None)
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     return kwargs
 

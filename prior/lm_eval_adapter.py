@@ -80,7 +80,9 @@ def text_key(text: str) -> int:
     return zlib.crc32(text.encode("utf-8")) & 0xFFFFFFFF
 
 
-def _pad_ids(rows: Sequence[Sequence[int]], multiple: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad_ids(
+    rows: Sequence[Sequence[int]], multiple: int, pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad id lists to one length (a multiple of ``multiple``): ids (B, L), valid (B, L)."""
     length = max(1, max(len(r) for r in rows))
     length = math.ceil(length / multiple) * multiple
@@ -301,7 +303,9 @@ class ColaLM(LM):
         self.ll_mode, self.ll_samples = loglikelihood, int(ll_samples)
         self.ll_steps, self.ll_guidance_scale = int(ll_steps), float(ll_guidance_scale)
         tok = self.pipe.tokenizer
-        self.stop_strings = [t for t in (tok.eos_token, IM_END_TOKEN if IM_END_TOKEN in tok.get_vocab() else None) if t]
+        self.stop_strings = [
+            t for t in (tok.eos_token, IM_END_TOKEN if IM_END_TOKEN in tok.get_vocab() else None) if t
+        ]
 
     @property
     def tokenizer_name(self) -> str:
@@ -329,14 +333,17 @@ class ColaLM(LM):
         if self.ll_mode == "reconstruction":
             return reconstruction_logprobs(self.pipe, contexts, continuations)
         return predictive_logprobs(
-            self.pipe, contexts, continuations, num_samples=self.ll_samples, num_inference_steps=self.ll_steps,
-            guidance_scale=self.ll_guidance_scale, seed=self.seed, keys=keys,
+            self.pipe, contexts, continuations, num_samples=self.ll_samples,
+            num_inference_steps=self.ll_steps, guidance_scale=self.ll_guidance_scale, seed=self.seed,
+            keys=keys,
         )  # fmt: skip
 
     def _score_batched(self, pairs, keys, desc: str) -> list[ContinuationScore]:
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
         out: list[ContinuationScore | None] = [None] * len(pairs)
-        for start in tqdm(range(0, len(order), self.batch_size), desc=desc, disable=len(order) <= self.batch_size):
+        for start in tqdm(
+            range(0, len(order), self.batch_size), desc=desc, disable=len(order) <= self.batch_size
+        ):
             idx = order[start : start + self.batch_size]
             for i, score in zip(idx, self._score([pairs[i] for i in idx], [keys[i] for i in idx])):
                 out[i] = score
@@ -402,7 +409,7 @@ class ColaLM(LM):
                 texts = generate_texts(
                     self.pipe, contexts, keys=[text_key(c) for c in contexts], noise_seed=self.seed, **call
                 )
-                for i, context, text in zip(batch, contexts, texts):
+                for i, text in zip(batch, texts):
                     results[i] = cut_at_stop_strings(text, until)
                     self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
                 bar.update(len(batch))

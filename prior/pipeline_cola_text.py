@@ -167,7 +167,7 @@ class ColaTextPipeline(DiffusionPipeline):
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        repetition_penalty: float = 1.0,
+        repetition_penalty: float | None = None,
         stop_on_eos: bool = True,
         whole_blocks: bool | None = None,
         released_compat: bool = False,
@@ -178,7 +178,8 @@ class ColaTextPipeline(DiffusionPipeline):
         with ``generator``. ``callback_on_step_end(pipe, step, timestep, kwargs) -> dict`` is called
         after every Euler step (``step`` counts over blocks); a returned ``"latents"`` replaces the
         block's latents. ``shift`` defaults to the scheduler's. ``released_compat`` runs the released
-        inference loop (see :mod:`prior.sampler`). Returns texts (``output_type="text"``), ids only
+        inference loop (see :mod:`prior.sampler`); ``repetition_penalty`` defaults to the released
+        1.1 there and to 1.0 (off) otherwise. Returns texts (``output_type="text"``), ids only
         (``"ids"``) or the block latents (``"latents"``).
         """
         # 1. check inputs
@@ -186,6 +187,8 @@ class ColaTextPipeline(DiffusionPipeline):
         if hasattr(callback_on_step_end, "tensor_inputs"):  # diffusers PipelineCallback objects
             tensor_inputs = callback_on_step_end.tensor_inputs
         prompts = self.check_inputs(prompt, max_new_tokens, output_type, tensor_inputs)
+        if repetition_penalty is None:
+            repetition_penalty = 1.1 if released_compat else 1.0
         # 3. timesteps and sampling settings
         config = self.sampler_config(
             shift=shift, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,

@@ -26,7 +26,8 @@ Design choices
   block times come from the same marks for every loop (the prefill window is reported apart).
 * **Timing.** ``time.perf_counter`` around each generation (prompt encoding and prefill
   included), one short warm-up generation of every loop first, ``torch.inference_mode``,
-  default thread count. Every run is repeated ``--repeats`` times, round-robin over the loops so
+  default thread count (``--threads`` sets it: on a loaded machine one thread per process gives
+  far steadier figures than OpenMP threads fighting for cores). Every run is repeated ``--repeats`` times, round-robin over the loops so
   that a change of load hits all of them alike, and the fastest time is kept (per block: the
   fastest time of that block). The ratios come from one process; absolute figures move with the
   machine's load.
@@ -507,7 +508,7 @@ def format_table(report: BenchReport) -> str:
     )
     if report.ar is not None and "cola_over_ar_tokens_per_s" in summ:
         lines.append(
-            f"vs AR ({report.ar.num_parameters / 1e6:.1f}M params) at {report.ar.new_tokens} tokens: Cola/AR "
+            f"vs AR ({report.ar.num_parameters / 1e6:.2f}M params) at {report.ar.new_tokens} tokens: Cola/AR "
             f"tokens/s = {summ['cola_over_ar_tokens_per_s']:.2f}x; theoretical passes per token Cola "
             f"(K+2)/{bs} = {summ['theoretical_cola_passes_per_token']:.3f} vs AR 1 -> "
             f"{summ['theoretical_pass_ratio_ar_over_cola']:.2f}x fewer passes"
@@ -530,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ar-tokens", type=int, default=256, help="new tokens for the AR comparison (0 = skip it)")
     add("--repeats", type=int, default=2, help="time every run this many times (round-robin), keep the fastest")
     add("--bf16", action="store_true", help="run everything under CPU bf16 autocast")
+    add("--threads", type=int, default=None, help="torch.set_num_threads (default: leave torch's default)")
     add("--seed", type=int, default=0)
     add("--json", type=Path, default=None, help="also write the report as JSON")
     add("--no-progress", action="store_true", help="hide the tqdm bars")
@@ -564,6 +566,8 @@ def check_args(args: argparse.Namespace) -> None:
     for n in args.tokens:
         if n < 2 * bs or n % bs:
             raise ValueError(f"--tokens {n} must be a multiple of the block size {bs} and >= 2 blocks")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.ar_tokens < 0 or args.ar_tokens % bs:
@@ -576,6 +580,8 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> BenchReport:
     args = build_parser().parse_args(argv)
     check_args(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     vae, prior = build_models(args)
     gen = torch.Generator().manual_seed(args.seed + 1)
     prompt = torch.randint(0, args.vocab, (args.prompt_len,), generator=gen).tolist()

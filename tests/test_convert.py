@@ -24,7 +24,7 @@ from prior.convert import (
 )
 from prior.generative_eval import generation_kwargs
 from prior.pipeline_cola_text import ColaTextPipeline
-from prior.sampler import BlockSampler, SamplerConfig
+from prior.sampler import BlockSampler
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -36,6 +36,7 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared/reference/golden/A"
 pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden folder not found: {GOLDEN}")
@@ -120,7 +121,9 @@ def test_converted_pipeline_reproduces_golden_generation(converted, name):
     )
     assert config.released_compat and config.repetition_penalty == s["repetition_penalty"]
     noise = [ref[f"block{k}_noise"] for k in range(1, meta["num_blocks_generated"] + 1)]
-    out = BlockSampler(pipe.text_vae, pipe.prior, pipe.scheduler, config).sample(meta["prompt_ids"], noise=noise)
+    out = BlockSampler(pipe.text_vae, pipe.prior, pipe.scheduler, config).sample(
+        meta["prompt_ids"], noise=noise
+    )
     assert out.token_ids == meta["generated_ids_trimmed"]
     assert out.num_blocks == meta["num_blocks_generated"]
 

@@ -36,6 +36,7 @@ def single_thread():
     yield
     torch.set_num_threads(threads)
 
+
 DATA = Path(__file__).parent / "data" / "eval_tasks"
 SENTENCES = [
     "The answer is (B). Question: what is the capital of France? Answer: Paris.",
@@ -68,7 +69,10 @@ def pipe_dir(tmp_path_factory) -> Path:
 
 def test_cli_eval_embedded_offline(pipe_dir, tmp_path, capsys):
     out = tmp_path / "results"
-    assert cli_main(["eval", str(pipe_dir), "--tasks", "embedded", "--limit", "3", "--out", str(out), *FAST]) == 0
+    assert (
+        cli_main(["eval", str(pipe_dir), "--tasks", "embedded", "--limit", "3", "--out", str(out), *FAST])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| Next word (embedded) |" in printed and "| Continuation (embedded) |" in printed
     assert "**Average**" in printed and "our sampling loop" in printed
