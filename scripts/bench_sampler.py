@@ -401,7 +401,9 @@ def build_models(args: argparse.Namespace) -> tuple[TextVAE, MMDiT]:
     return vae, prior
 
 
-def run_autoregressive(args: argparse.Namespace, prompt: list[int], new_tokens: int, repeats: int = 1) -> ARResult:
+def run_autoregressive(
+    args: argparse.Namespace, prompt: list[int], new_tokens: int, repeats: int = 1
+) -> ARResult:
     """Greedy KV-cached generation with a ``LlamaForCausalLM`` of the prior's width and depth (fastest of
     ``repeats``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -421,16 +423,16 @@ def run_autoregressive(args: argparse.Namespace, prompt: list[int], new_tokens: 
         return model.generate(input_ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
 
     generate(min(8, new_tokens))  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        calls = []
-        handle = model.register_forward_hook(lambda *_: calls.append(1))
-        try:
+    best, calls = float("inf"), []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for _ in range(repeats):
+            calls.clear()
             start = time.perf_counter()
             out = generate(new_tokens)
             best = min(best, time.perf_counter() - start)
-        finally:
-            handle.remove()
+    finally:
+        handle.remove()
     generated = out.shape[1] - input_ids.shape[1]
     if generated != new_tokens:
         raise RuntimeError(f"the AR model generated {generated} tokens instead of {new_tokens}")
@@ -482,7 +484,9 @@ def format_table(report: BenchReport) -> str:
     for r in sorted(report.runs, key=lambda r: (r.new_tokens, LOOPS.index(r.loop))):
         per_blk = sum(r.block_prior_calls) / len(r.block_prior_calls)
         dec_blk = sum(r.block_decoder_calls) / len(r.block_decoder_calls)
-        same = "-" if r.loop == "cached" else ("yes" if summ[f"same_tokens_{r.loop}@{r.new_tokens}"] else "NO")
+        same = (
+            "-" if r.loop == "cached" else ("yes" if summ[f"same_tokens_{r.loop}@{r.new_tokens}"] else "NO")
+        )
         lines.append(
             f"{LOOP_TITLES[r.loop]:<15}{r.new_tokens:>8}{r.seconds:>9.2f}{r.tokens_per_s:>9.1f}"
             f"{per_blk:>10.1f}{dec_blk:>8.1f}{per_blk / bs:>10.3f}{dec_blk / bs:>8.3f}"
@@ -529,7 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--repetition-penalty", type=float, default=1.1, help="released default 1.1")
     add("--prompt-len", type=int, default=16, help="prompt tokens (a positive multiple of the block size)")
     add("--ar-tokens", type=int, default=256, help="new tokens for the AR comparison (0 = skip it)")
-    add("--repeats", type=int, default=2, help="time every run this many times (round-robin), keep the fastest")
+    add(
+        "--repeats",
+        type=int,
+        default=2,
+        help="time every run this many times (round-robin), keep the fastest",
+    )
     add("--bf16", action="store_true", help="run everything under CPU bf16 autocast")
     add("--threads", type=int, default=None, help="torch.set_num_threads (default: leave torch's default)")
     add("--seed", type=int, default=0)
@@ -560,9 +569,13 @@ def check_args(args: argparse.Namespace) -> None:
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.guidance == 1.0 or args.guidance < 0:
-        raise ValueError(f"--guidance must be >= 0 and != 1 (the benchmark runs with CFG), got {args.guidance}")
+        raise ValueError(
+            f"--guidance must be >= 0 and != 1 (the benchmark runs with CFG), got {args.guidance}"
+        )
     if args.prompt_len < bs or args.prompt_len % bs:
-        raise ValueError(f"--prompt-len must be a positive multiple of the block size {bs}, got {args.prompt_len}")
+        raise ValueError(
+            f"--prompt-len must be a positive multiple of the block size {bs}, got {args.prompt_len}"
+        )
     for n in args.tokens:
         if n < 2 * bs or n % bs:
             raise ValueError(f"--tokens {n} must be a multiple of the block size {bs} and >= 2 blocks")
@@ -580,8 +593,17 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> BenchReport:
     args = build_parser().parse_args(argv)
     check_args(args)
+    threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # main() may be called in-process (the smoke test)
+
+
+def _run(args: argparse.Namespace) -> BenchReport:
+    """Build the models, warm up, time every loop (round-robin), print and return the report."""
     vae, prior = build_models(args)
     gen = torch.Generator().manual_seed(args.seed + 1)
     prompt = torch.randint(0, args.vocab, (args.prompt_len,), generator=gen).tolist()

@@ -18,7 +18,7 @@ TINY = [
     "--width", "32", "--heads", "2", "--head-dim", "16", "--rope-dim", "8", "--layers", "2",
     "--block-size", str(BS), "--vae-dim", "32", "--vae-ffn-dim", "64", "--vae-heads", "2",
     "--vae-layers", "1", "--vocab", "64", "--latent-dim", "4", "--max-seq-len", "64", "--steps", str(K),
-    "--prompt-len", "4", "--repeats", "1", "--no-progress",
+    "--prompt-len", "4", "--repeats", "1", "--threads", "1", "--no-progress",
 ]  # fmt: skip
 
 
@@ -108,7 +108,11 @@ def test_defaults_are_the_tiny_configs(bench):
     assert (args.width, args.heads, args.head_dim, args.rope_dim) == (
         prior.width, prior.heads, prior.head_dim, prior.rope_dim
     )  # fmt: skip
-    assert (args.layers, args.block_size, args.mlp_ratio) == (prior.num_layers, prior.block_size, prior.mlp_ratio)
+    assert (args.layers, args.block_size, args.mlp_ratio) == (
+        prior.num_layers,
+        prior.block_size,
+        prior.mlp_ratio,
+    )
     assert (args.vocab, args.vae_dim, args.vae_ffn_dim, args.vae_heads, args.latent_dim) == (
         vae.vocab_size, vae.dim, vae.ffn_dim, vae.num_heads, vae.latent_dim
     )  # fmt: skip

@@ -68,3 +68,20 @@ def test_dense_and_flex_relations_agree():
     mask = block_causal_mask(pos, pos, torch.tensor([2, 3]))
     flex_dense = create_mask(mask.mask_mod, 2, None, 6, 6, device="cpu")
     assert torch.equal(flex_dense, mask.dense())
+
+
+def test_packed_documents_never_attend_across():
+    # two documents of lengths 3 and 5 packed in one row, positions restarting per document
+    doc = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
+    packed = block_causal_mask(pos, pos, 2, q_doc=doc, k_doc=doc).dense()[0, 0]
+    assert not packed[:3, 3:].any() and not packed[3:, :3].any()
+    padded_a = block_causal_mask(pos[:, :3], pos[:, :3], 2).dense()[0, 0]
+    padded_b = block_causal_mask(pos[:, 3:], pos[:, 3:], 2).dense()[0, 0]
+    assert torch.equal(packed[:3, :3], padded_a) and torch.equal(packed[3:, 3:], padded_b)
+    # the 2L mask of a packed row: [clean a | clean b | noisy a | noisy b]
+    pos2 = torch.cat([pos, pos], dim=1)
+    doc2 = torch.cat([doc, doc], dim=1)
+    noisy = torch.tensor([[0] * 8 + [1] * 8], dtype=torch.bool)
+    two_l = two_l_mask(pos2, noisy, 2, doc=doc2).dense()[0, 0]
+    assert not (two_l & (doc2[0][:, None] != doc2[0][None, :])).any()

@@ -8,9 +8,11 @@ which copy a token belongs to, padding). The same function gives both forms the 
   (``True`` = may attend) for SDPA, the eager reference and the tests;
 * :meth:`AttentionMask.block_mask` hands it to ``flex_attention.create_block_mask`` (GPU).
 
-Batches are padded, never packed: "same sample" is the batch index, so no rule has to forbid
-cross-sample attention. Blocks are counted from each token's *position*, so a query that is the
-suffix of its keys (cached inference) and a key that sits in a KV cache need no special case.
+Batches are padded by default: "same sample" is the batch index. Packed batches (several
+documents in one row, positions restarting at 0 for each) pass per-token document ids
+(``q_doc``/``k_doc``, or ``doc`` for the 2L mask) and attention never crosses documents. Blocks
+are counted from each token's *position*, so a query that is the suffix of its keys (cached
+inference) and a key that sits in a KV cache need no special case.
 
 Padding: keys with ``k_valid = False`` are never attended by real queries. A padding query
 (``q_valid = False``) may attend whatever the structure allows, itself included, so no row is
@@ -79,6 +81,8 @@ def block_causal_mask(
     block_size: int | torch.Tensor,
     q_valid: torch.Tensor | None = None,
     k_valid: torch.Tensor | None = None,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
 ) -> AttentionMask:
     """Block-causal attention: a query sees every key whose block is not later than its own.
 
@@ -97,7 +101,7 @@ def block_causal_mask(
         q5     x  x  x  x  x  x
     """
     q_blk, k_blk = _block_index(q_pos, block_size), _block_index(k_pos, block_size)
-    return block_id_mask(q_blk, k_blk, q_valid, k_valid)
+    return block_id_mask(q_blk, k_blk, q_valid, k_valid, q_doc, k_doc)
 
 
 def block_id_mask(
@@ -105,6 +109,8 @@ def block_id_mask(
     k_blocks: torch.Tensor,
     q_valid: torch.Tensor | None = None,
     k_valid: torch.Tensor | None = None,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
 ) -> AttentionMask:
     """Block-causal attention over explicit block ids: a query sees keys whose block id <= its own.
 
@@ -114,9 +120,12 @@ def block_id_mask(
     """
     q_valid = _ones(q_blocks) if q_valid is None else q_valid
     k_valid = _ones(k_blocks) if k_valid is None else k_valid
+    q_doc = torch.zeros_like(q_blocks) if q_doc is None else q_doc
+    k_doc = torch.zeros_like(k_blocks) if k_doc is None else k_doc
 
     def mask_mod(b, h, q, kv):
-        return (k_blocks[b, kv] <= q_blocks[b, q]) & (k_valid[b, kv] | ~q_valid[b, q])
+        same_doc = k_doc[b, kv] == q_doc[b, q]
+        return same_doc & (k_blocks[b, kv] <= q_blocks[b, q]) & (k_valid[b, kv] | ~q_valid[b, q])
 
     return AttentionMask(mask_mod, q_blocks.shape[0], q_blocks.shape[1], k_blocks.shape[1], q_blocks.device)
 
@@ -136,6 +145,7 @@ def two_l_mask(
     noisy: torch.Tensor,
     block_size: int | torch.Tensor,
     valid: torch.Tensor | None = None,
+    doc: torch.Tensor | None = None,
 ) -> AttentionMask:
     """The "2L" teacher-forcing mask: one pass trains every block of ``[z0 ; z_t]``.
 
@@ -160,12 +170,14 @@ def two_l_mask(
     """
     blk = _block_index(positions, block_size)
     valid = _ones(positions) if valid is None else valid
+    doc = torch.zeros_like(positions) if doc is None else doc
 
     def mask_mod(b, h, q, kv):
         qb, kb, qn, kn = blk[b, q], blk[b, kv], noisy[b, q], noisy[b, kv]
         block_diagonal = qn & kn & (kb == qb)
         offset_causal = qn & ~kn & (kb < qb)
         clean_causal = ~qn & ~kn & (kb <= qb)
-        return (block_diagonal | offset_causal | clean_causal) & (valid[b, kv] | ~valid[b, q])
+        same_doc = doc[b, kv] == doc[b, q]
+        return same_doc & (block_diagonal | offset_causal | clean_causal) & (valid[b, kv] | ~valid[b, q])
 
     return AttentionMask(mask_mod, positions.shape[0], positions.shape[1], positions.shape[1], positions.device)
