@@ -53,7 +53,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from safetensors.torch import load_file
 
-from unimodal.attention import BACKENDS, apply_rope, attention, rope_inv_freq
+from unimodal.attention import BACKENDS, Rotary, apply_rope, attention, rope_inv_freq, rotary
 from unimodal.kv_cache import KVCache
 from unimodal.masks import AttentionMask, block_causal_mask
 
@@ -150,7 +150,7 @@ class _AttnContext:
 
     positions: torch.Tensor  # (B, L) int64 of the queries
     mask: AttentionMask | None
-    inv_freq: torch.Tensor  # (rope_dim / 2,)
+    rope: Rotary | None  # interleaved tables of the query positions (None: rope_dim 0)
     backend: str
     kv_cache: KVCache | None = None
     update_cache: bool = False
@@ -192,9 +192,8 @@ class MMDiTBlock(nn.Module):
             ks.append(s.norm_k(k))
             vs.append(v)
         q, k, v = torch.cat(qs, dim=2), torch.cat(ks, dim=2), torch.cat(vs, dim=2)  # (B, H, L, Dh)
-        if ctx.inv_freq.numel():
-            q = apply_rope(q, ctx.positions, ctx.inv_freq, style="interleaved")
-            k = apply_rope(k, ctx.positions, ctx.inv_freq, style="interleaved")
+        if ctx.rope is not None:
+            q, k = apply_rope(q, ctx.rope), apply_rope(k, ctx.rope)
         if ctx.kv_cache is not None:
             k, v = ctx.kv_cache.keys_values(self.layer, k, v)  # (B, H, S + L, Dh)
             if ctx.update_cache:
@@ -405,7 +404,8 @@ class MMDiT(ModelMixin, ConfigMixin):
         else:
             cs = dict(zip(xs, c.split([v.shape[1] for v in xs.values()], dim=1)))
         h = {m: self.embed_in[m](v) for m, v in xs.items()}  # {m: (B, L_m, D)}
-        ctx = _AttnContext(positions, attn_mask, inv_freq, self.config.attn_backend, kv_cache, update_cache)
+        rope = rotary(positions, inv_freq, "interleaved") if inv_freq.numel() else None
+        ctx = _AttnContext(positions, attn_mask, rope, self.config.attn_backend, kv_cache, update_cache)
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing and kv_cache is None:
                 h = self._gradient_checkpointing_func(block, h, cs, ctx)

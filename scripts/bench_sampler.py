@@ -27,10 +27,10 @@ Design choices
 * **Timing.** ``time.perf_counter`` around each generation (prompt encoding and prefill
   included), one short warm-up generation of every loop first, ``torch.inference_mode``,
   default thread count (``--threads`` sets it: on a loaded machine one thread per process gives
-  far steadier figures than OpenMP threads fighting for cores). Every run is repeated ``--repeats`` times, round-robin over the loops so
-  that a change of load hits all of them alike, and the fastest time is kept (per block: the
-  fastest time of that block). The ratios come from one process; absolute figures move with the
-  machine's load.
+  far steadier figures than OpenMP threads fighting for cores). Every run is repeated
+  ``--repeats`` times, round-robin over the loops so that a change of load hits all of them
+  alike, and the fastest time is kept (per block: the fastest time of that block). The ratios
+  come from one process; absolute figures move with the machine's load. CPU only.
 * **Released loop caveats.** The baseline keeps our post-RoPE KV cache, where the released code
   caches pre-RoPE keys and re-applies RoPE / the VAE's k-norm to the whole cache on every call,
   so if anything the baseline is faster than the real released loop. The Python mask loop is the
@@ -39,7 +39,8 @@ Design choices
   no first-block repaint happens and every loop generates whole blocks.
 
     python scripts/bench_sampler.py                      # tiny config, fp32, 256 and 1,024 tokens
-    python scripts/bench_sampler.py --bf16 --json bench.json
+    python scripts/bench_sampler.py --threads 1 --json bench.json   # steadier on a shared machine
+    python scripts/bench_sampler.py --bf16 --tokens 256  # bf16 autocast (tokens may then differ)
 """
 
 from __future__ import annotations
@@ -365,8 +366,7 @@ def measure(name: str, loop, prompt: list[int], noise: torch.Tensor, progress: b
     prefill = len(windows) - num_blocks  # 1 when the loop prefills the decoder cache, else 0
     if prefill not in (0, 1):
         raise RuntimeError(f"{name}: {len(windows)} decoder passes for {num_blocks} blocks")
-    pre = windows[0] if prefill else (0.0, 0, 0)
-    # a loop without a decoder prefill counts its prior prefill (none here) in the first block
+    pre = windows[0] if prefill else (0.0, 0, 0)  # the recompute loop has no prefill
     blocks = windows[prefill:]
     return RunResult(
         loop=name, new_tokens=len(ids), seconds=seconds, prior_calls=counter.prior_calls,
@@ -413,9 +413,8 @@ def run_autoregressive(
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
         head_dim=args.head_dim, max_position_embeddings=args.max_seq_len, pad_token_id=0,
     )  # fmt: skip
-    config._attn_implementation = "sdpa"
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()  # SDPA attention (transformers' default)
     input_ids = torch.tensor([prompt])
     kwargs = dict(attention_mask=torch.ones_like(input_ids), use_cache=True, do_sample=False, pad_token_id=0)
 
@@ -454,6 +453,8 @@ def summarize(args: argparse.Namespace, runs: list[RunResult], ar: ARResult | No
             ref = by[(other, n)]
             out[f"speedup_vs_{other}@{n}"] = ours.tokens_per_s / ref.tokens_per_s
             out[f"same_tokens_{other}@{n}"] = ours.token_ids == ref.token_ids
+            same = sum(a == b for a, b in zip(ours.token_ids, ref.token_ids))
+            out[f"token_agreement_{other}@{n}"] = same / len(ours.token_ids)
             out[f"max_latent_diff_{other}@{n}"] = float((ours.latents - ref.latents).abs().max())
         out[f"distinct_tokens@{n}"] = len(set(ours.token_ids))
     longest = by[("cached", max(args.tokens))]
@@ -484,9 +485,10 @@ def format_table(report: BenchReport) -> str:
     for r in sorted(report.runs, key=lambda r: (r.new_tokens, LOOPS.index(r.loop))):
         per_blk = sum(r.block_prior_calls) / len(r.block_prior_calls)
         dec_blk = sum(r.block_decoder_calls) / len(r.block_decoder_calls)
-        same = (
-            "-" if r.loop == "cached" else ("yes" if summ[f"same_tokens_{r.loop}@{r.new_tokens}"] else "NO")
-        )
+        same = "-"
+        if r.loop != "cached":
+            agree = summ[f"token_agreement_{r.loop}@{r.new_tokens}"]
+            same = "yes" if summ[f"same_tokens_{r.loop}@{r.new_tokens}"] else f"NO {agree:.0%}"
         lines.append(
             f"{LOOP_TITLES[r.loop]:<15}{r.new_tokens:>8}{r.seconds:>9.2f}{r.tokens_per_s:>9.1f}"
             f"{per_blk:>10.1f}{dec_blk:>8.1f}{per_blk / bs:>10.3f}{dec_blk / bs:>8.3f}"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from unimodal.attention import apply_rope, attention, rope_inv_freq
+from unimodal.attention import apply_rope, attention, rope_inv_freq, rotary
 from unimodal.masks import block_causal_mask
 
 
@@ -42,7 +42,7 @@ def test_neox_rope_rotates_half_split_pairs():
     x, pos = torch.randn(2, 2, 5, 8), torch.randint(0, 50, (2, 5))
     inv = rope_inv_freq(8, 5e5)
     expected = _complex_rotation(x, pos, inv, [(i, i + 4) for i in range(4)])
-    torch.testing.assert_close(apply_rope(x, pos, inv, "neox"), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(apply_rope(x, rotary(pos, inv, "neox")), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_interleaved_rope_rotates_adjacent_pairs_of_the_first_channels_only():
@@ -50,7 +50,7 @@ def test_interleaved_rope_rotates_adjacent_pairs_of_the_first_channels_only():
     x, pos = torch.randn(2, 2, 5, 10), torch.randint(0, 50, (2, 5))
     inv = rope_inv_freq(6, 1e4)  # rotate channels 0..5, pass 6..9 through
     expected = _complex_rotation(x, pos, inv, [(0, 1), (2, 3), (4, 5)])
-    out = apply_rope(x, pos, inv, "interleaved")
+    out = apply_rope(x, rotary(pos, inv, "interleaved"))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(out[..., 6:], x[..., 6:])
 
@@ -60,6 +60,7 @@ def test_rope_is_relative():
     q, k = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)
     inv = rope_inv_freq(8, 1e4)
     pos = torch.arange(4)[None]
-    scores = apply_rope(q, pos, inv) @ apply_rope(k, pos, inv).transpose(-1, -2)
-    shifted = apply_rope(q, pos + 17, inv) @ apply_rope(k, pos + 17, inv).transpose(-1, -2)
+    rot, rot17 = rotary(pos, inv), rotary(pos + 17, inv)
+    scores = apply_rope(q, rot) @ apply_rope(k, rot).transpose(-1, -2)
+    shifted = apply_rope(q, rot17) @ apply_rope(k, rot17).transpose(-1, -2)
     torch.testing.assert_close(scores, shifted, atol=1e-4, rtol=1e-4)

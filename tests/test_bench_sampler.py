@@ -53,6 +53,7 @@ def test_loops_give_the_same_tokens_and_latents(report):
             assert ref.token_ids == ours.token_ids
             torch.testing.assert_close(ref.latents, ours.latents, atol=1e-5, rtol=1e-5)
             assert rep.summary[f"same_tokens_{other}@{n}"] is True
+            assert rep.summary[f"token_agreement_{other}@{n}"] == 1.0
     assert rep.run("cached", 8).token_ids == rep.run("cached", 16).token_ids[:8]  # same noise prefix
 
 

@@ -8,7 +8,8 @@ Design choices
   layout (channel ``2i`` pairs with ``2i + 1``, theta 1e4). Both are ``x * cos + rot(x) * sin``;
   they differ only in which channels form a pair, so :func:`apply_rope` takes a ``style``.
   Angles are computed in fp32 from explicit integer positions ``(B, L)`` (never from a cache
-  of ``0..n-1``), and the result is cast back to the input dtype.
+  of ``0..n-1``) once per forward (:func:`rotary`), shared by every layer, and the rotated result
+  is cast back to the input dtype.
 * **One attention function, swappable backends.** ``attention(q, k, v, mask, backend)`` with
   ``q, k, v`` of shape ``(B, H, L, D)``. ``"eager"`` is the written-out reference
   (``softmax(q * D**-0.5 @ k^T + mask) @ v`` with fp32 softmax) that the tests compare the others
@@ -20,6 +21,7 @@ Design choices
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,37 +41,47 @@ def rope_inv_freq(dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
-def apply_rope(
-    x: torch.Tensor,
-    positions: torch.Tensor,
-    inv_freq: torch.Tensor,
-    style: str = "neox",
-) -> torch.Tensor:
-    """Rotate the first ``2 * len(inv_freq)`` channels of ``x`` by ``positions``.
+@dataclass
+class Rotary:
+    """cos/sin tables for one set of positions, built once per forward and shared by every layer.
 
-    x: (B, H, L, D); positions: (B, L) integer or float; inv_freq: (R/2,) with R <= D.
-    ``style="neox"`` pairs channel i with i + R/2; ``style="interleaved"`` pairs 2i with 2i+1.
-    Channels R..D-1 pass through unchanged.
+    cos, sin: (B, 1, L, R) fp32 for R rotated channels; ``style`` says which channels pair up.
     """
-    rot = 2 * inv_freq.numel()
-    if rot > x.shape[-1]:
-        raise ValueError(f"rotary dim {rot} exceeds head dim {x.shape[-1]}")
-    angles = positions.to(torch.float32)[:, None, :, None] * inv_freq.to(x.device, torch.float32)  # (B,1,L,R/2)
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    style: str
+
+
+def rotary(positions: torch.Tensor, inv_freq: torch.Tensor, style: str = "neox") -> Rotary:
+    """The rotation tables of ``positions`` (B, L) for frequencies ``inv_freq`` (R/2,).
+
+    ``style="neox"`` pairs channel i with i + R/2; ``style="interleaved"`` pairs 2i with 2i+1.
+    """
+    angles = positions.to(torch.float32)[:, None, :, None] * inv_freq.to(positions.device, torch.float32)
     if style == "neox":
         angles = torch.cat((angles, angles), dim=-1)  # (B,1,L,R): [f0..f_{R/2-1} | f0..]
     elif style == "interleaved":
         angles = angles.repeat_interleave(2, dim=-1)  # (B,1,L,R): f0 f0 f1 f1 ...
     else:
         raise ValueError(f"unknown rope style {style!r}; expected 'neox' or 'interleaved'")
+    return Rotary(angles.cos(), angles.sin(), style)
+
+
+def apply_rope(x: torch.Tensor, rope: Rotary) -> torch.Tensor:
+    """Rotate the first R channels of ``x`` (B, H, L, D) in fp32; channels R..D-1 pass through."""
+    rot = rope.cos.shape[-1]
+    if rot > x.shape[-1]:
+        raise ValueError(f"rotary dim {rot} exceeds head dim {x.shape[-1]}")
     xr, x_pass = x[..., :rot].float(), x[..., rot:]
-    if style == "neox":
+    if rope.style == "neox":
         x1, x2 = xr.chunk(2, dim=-1)
         rotated = torch.cat((-x2, x1), dim=-1)  # (x1, x2) -> (-x2, x1)
     else:
         pairs = xr.unflatten(-1, (-1, 2))  # (..., R/2, 2)
         rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    out = xr * angles.cos() + rotated * angles.sin()
-    return torch.cat((out.to(x.dtype), x_pass), dim=-1)
+    out = (xr * rope.cos + rotated * rope.sin).to(x.dtype)
+    return out if x_pass.shape[-1] == 0 else torch.cat((out, x_pass), dim=-1)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -111,7 +123,9 @@ def attention(
     Returns (B, H, Lq, D).
     """
     if mask is not None and (mask.q_len, mask.kv_len) != (q.shape[2], k.shape[2]):
-        raise ValueError(f"mask covers {(mask.q_len, mask.kv_len)} but attention is {(q.shape[2], k.shape[2])}")
+        raise ValueError(
+            f"mask covers {(mask.q_len, mask.kv_len)} but attention is {(q.shape[2], k.shape[2])}"
+        )
     if backend == "eager":
         return _eager(q, k, v, None if mask is None else mask.dense())
     if backend == "sdpa":

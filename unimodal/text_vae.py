@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from unimodal.attention import BACKENDS, apply_rope, attention, rope_inv_freq
+from unimodal.attention import BACKENDS, Rotary, apply_rope, attention, rope_inv_freq, rotary
 from unimodal.kv_cache import KVCache
 from unimodal.masks import AttentionMask, block_causal_mask
 
@@ -125,8 +125,7 @@ class TextVAEBlock(nn.Module):
     def attn(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        inv_freq: torch.Tensor,
+        rope: Rotary,
         mask: AttentionMask,
         layer: int,
         kv_cache: KVCache | None,
@@ -139,8 +138,7 @@ class TextVAEBlock(nn.Module):
         q, k = self.q_norm(q).to(qkv.dtype), self.k_norm(k).to(qkv.dtype)
         heads = (b, n, self.num_heads, self.head_dim)  # channel layout (h c), as released
         q, k, v = (t.view(heads).transpose(1, 2) for t in (q, k, v))  # (B, H, N, hd) each
-        q = apply_rope(q, positions, inv_freq, style="neox")
-        k = apply_rope(k, positions, inv_freq, style="neox")
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         if kv_cache is not None:
             k, v = kv_cache.keys_values(layer, k, v)  # (B, H, S + N, hd): [cache ; new]
             if update_cache:
@@ -155,15 +153,14 @@ class TextVAEBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (B, N, D)
-        positions: torch.Tensor,  # (B, N)
-        inv_freq: torch.Tensor,
+        rope: Rotary,  # NeoX tables of the N positions
         mask: AttentionMask,
         layer: int,
         kv_cache: KVCache | None = None,
         update_cache: bool = False,
         backend: str = "sdpa",
     ) -> torch.Tensor:
-        attn = self.attn(x, positions, inv_freq, mask, layer, kv_cache, update_cache, backend)
+        attn = self.attn(x, rope, mask, layer, kv_cache, update_cache, backend)
         y = self.norm_attn(x) + attn  # released wiring: LN of x plus attention of the un-normalised x
         return y + self.norm_ffn(self.ffn(y))  # (B, N, D)
 
@@ -183,11 +180,11 @@ class TextVAEEncoder(nn.Module):
         self.final_layer = nn.Linear(dim, out_dim)  # no norm before it (released)
         self.final_norm = nn.LayerNorm(cfg.latent_dim, eps=cfg.layer_norm_eps, elementwise_affine=False)
 
-    def forward(self, input_ids: torch.Tensor, positions, inv_freq, mask, backend: str) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, rope: Rotary, mask, backend: str) -> torch.Tensor:
         h = self.wte(input_ids)  # (B, L, D)
         h = self.patch_embedder(h.transpose(1, 2)).transpose(1, 2)  # (B, N, D), N = L / p
         for i, block in enumerate(self.blocks):
-            h = block(h, positions, inv_freq, mask, layer=i, backend=backend)
+            h = block(h, rope, mask, layer=i, backend=backend)
         return self.final_layer(h)  # (B, N, 2d | d)
 
 
@@ -206,11 +203,11 @@ class TextVAEDecoder(nn.Module):
         self.final_norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.final_layer = nn.Linear(dim, cfg.vocab_size)  # untied LM head, no [MASK] output
 
-    def forward(self, latents, positions, inv_freq, mask, kv_cache, update_cache, backend) -> torch.Tensor:
+    def forward(self, latents, rope: Rotary, mask, kv_cache, update_cache, backend) -> torch.Tensor:
         b, n, _ = latents.shape
         h = self.in_layer(latents)  # (B, N, D)
         for i, block in enumerate(self.blocks):
-            h = block(h, positions, inv_freq, mask, i, kv_cache, update_cache, backend=backend)
+            h = block(h, rope, mask, i, kv_cache, update_cache, backend=backend)
         h = self.unpatch_layer(h).reshape(b, n * self.patch_size, -1)  # (B, N*p, D): latent j -> tokens jp..
         return self.final_layer(self.final_norm(h))  # (B, N*p, V)
 
@@ -338,8 +335,8 @@ class TextVAE(ModelMixin, ConfigMixin):
         latent_valid = valid.bool().reshape(b, length // p, p).any(dim=-1)  # (B, N)
         positions = torch.arange(length // p, device=input_ids.device).expand(b, -1)  # (B, N)
         mask = block_causal_mask(positions, positions, self.config.block_size, latent_valid, latent_valid)
-        inv_freq = self._inv_freq(input_ids.device)
-        out = self.encoder(input_ids, positions, inv_freq, mask, self.attn_backend)  # (B, N, 2d | d)
+        rope = rotary(positions, self._inv_freq(input_ids.device), "neox")
+        out = self.encoder(input_ids, rope, mask, self.attn_backend)  # (B, N, 2d | d)
         d = self.config.latent_dim
         if self.config.posterior == "diagonal":
             mean = self.encoder.final_norm(out[..., :d])  # (B, N, d), non-affine LN
@@ -409,7 +406,12 @@ class TextVAE(ModelMixin, ConfigMixin):
             k_pos, k_valid = positions, valid
         mask = block_causal_mask(positions, k_pos, self.config.block_size, valid, k_valid)
         logits = self.decoder(
-            latents, positions, self._inv_freq(device), mask, kv_cache, update_cache, self.attn_backend
+            latents,
+            rotary(positions, self._inv_freq(device), "neox"),
+            mask,
+            kv_cache,
+            update_cache,
+            self.attn_backend,
         )
         if update_cache:
             kv_cache.advance(positions, valid)
