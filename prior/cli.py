@@ -113,8 +113,9 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
         )
     out = Path(args.output_dir)
     common = ["train.resume=latest"]  # re-running the quickstart continues (or just reports)
+    vae_budget = f"train.max_time_minutes={args.vae_minutes}"
     vae_cfg = load_run_config(
-        configs / "vae_tiny.yaml", [f"train.output_dir={out / 'vae'}", *common, *args.vae]
+        configs / "vae_tiny.yaml", [f"train.output_dir={out / 'vae'}", vae_budget, *common, *args.vae]
     )
     print("== Stage 1: Text VAE ==")
     train_text_vae(vae_cfg)
@@ -128,7 +129,13 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     print("== Stage 2: block-causal prior, trained jointly with the VAE ==")
     cola_cfg = load_run_config(
         configs / "cola_tiny.yaml",
-        [f"stage1={out / 'vae'}", f"train.output_dir={out / 'cola'}", *common, *args.cola],
+        [
+            f"stage1={out / 'vae'}",
+            f"train.output_dir={out / 'cola'}",
+            f"train.max_time_minutes={args.prior_minutes}",
+            *common,
+            *args.cola,
+        ],
     )
     train_cola(cola_cfg)
 
@@ -291,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="tiny Stage 1 + Stage 2 on the embedded corpus, then samples")
     p.add_argument("--output-dir", default="runs/quickstart")
+    p.add_argument("--vae-minutes", type=float, default=4.0, help="Stage-1 wall-clock budget")
+    p.add_argument("--prior-minutes", type=float, default=8.5, help="Stage-2 wall-clock budget")
     p.add_argument("--vae", action="append", default=[], metavar="KEY=VALUE", help="Stage-1 config override")
     p.add_argument("--cola", action="append", default=[], metavar="KEY=VALUE", help="Stage-2 config override")
     p.add_argument("--num-prompts", type=int, default=16)

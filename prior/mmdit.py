@@ -30,7 +30,7 @@ Design choices
 * **KV cache.** An explicit :class:`KVCache` is passed to ``forward``; it is read-only unless
   ``update_cache=True`` (prefill, commit of a finished block). Keys are cached after the K norm
   and after RoPE. Default positions with a cache continue each sample (``lengths + arange``), so
-  a (2B) forward over ``cache.expand_for_cfg()`` runs the unconditional CFG branch in rows
+  a (2B) forward over a batch-B cache runs the unconditional CFG branch in rows
   B..2B at positions 0..L-1 with no history.
 * **Init.** :meth:`MMDiT.initialize_weights` applies the released init (xavier-uniform linears,
   each released adaLN head initialised as its own matrix, zero biases); with
@@ -149,11 +149,31 @@ class _AttnContext:
     """What every block's attention needs besides the hidden states (built once per forward)."""
 
     positions: torch.Tensor  # (B, L) int64 of the queries
-    mask: AttentionMask | None
+    mask: AttentionMask | None  # rows [0, cached_rows): over [cache ; tokens]
     rope: Rotary | None  # interleaved tables of the query positions (None: rope_dim 0)
     backend: str
     kv_cache: KVCache | None = None
     update_cache: bool = False
+    cached_rows: int = 0  # rows that read the cache; the rest (CFG's unconditional branch) stand alone
+    mask_alone: AttentionMask | None = None  # rows [cached_rows, B): over their own tokens
+
+
+def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: _AttnContext, layer: int):
+    """Attention of one block, reading the KV cache when there is one. q/k/v: (B, H, L, Dh).
+
+    With a cache of batch Bc < B (one batched CFG forward), rows [0, Bc) attend over
+    [cache ; their tokens] and rows [Bc, B) over their own tokens only, as two kernel calls: the
+    unconditional branch never spends work on history it may not see.
+    """
+    if ctx.kv_cache is None:
+        return attention(q, k, v, ctx.mask, backend=ctx.backend)
+    n = ctx.cached_rows
+    k_all, v_all = ctx.kv_cache.keys_values(layer, k[:n], v[:n])  # (Bc, H, S + L, Dh)
+    out = attention(q[:n], k_all, v_all, ctx.mask, backend=ctx.backend)
+    if n == q.shape[0]:
+        return out
+    alone = attention(q[n:], k[n:], v[n:], ctx.mask_alone, backend=ctx.backend)
+    return torch.cat((out, alone))
 
 
 class MMDiTBlock(nn.Module):
@@ -194,11 +214,7 @@ class MMDiTBlock(nn.Module):
         q, k, v = torch.cat(qs, dim=2), torch.cat(ks, dim=2), torch.cat(vs, dim=2)  # (B, H, L, Dh)
         if ctx.rope is not None:
             q, k = apply_rope(q, ctx.rope), apply_rope(k, ctx.rope)
-        if ctx.kv_cache is not None:
-            k, v = ctx.kv_cache.keys_values(self.layer, k, v)  # (B, H, S + L, Dh)
-            if ctx.update_cache:
-                ctx.kv_cache.update(self.layer, k, v)
-        o = attention(q, k, v, ctx.mask, backend=ctx.backend)  # (B, H, L, Dh)
+        o = joint_attention(q, k, v, ctx, self.layer)  # (B, H, L, Dh)
         o = o.transpose(1, 2).flatten(2)  # (B, L, H*Dh)
         out = {}
         for (m, x), o_m in zip(h.items(), o.split([x.shape[1] for x in h.values()], dim=1)):
@@ -370,7 +386,9 @@ class MMDiT(ModelMixin, ConfigMixin):
         x: (B, L, C) or {modality: (B, L_m, C_m)}; timestep: scalar, (B,) or (B, L) (or a dict);
         positions: (B, L) int64, default 0..L-1, or ``cache.lengths() + 0..L-1`` with a cache;
         valid: (B, L) bool, default all True; attn_mask: overrides the block-causal mask (it must
-        cover the cached keys too); kv_cache: read, and written only if ``update_cache``.
+        cover the cached keys too); kv_cache: read, and written only if ``update_cache``. A cache
+        of batch Bc < B serves one batched CFG forward: rows [0, Bc) read it, rows [Bc, B) (the
+        unconditional branch: the block alone, positions 0..L-1 by default) do not.
         """
         xs = self._segments(x)
         first = next(iter(xs.values()))
@@ -385,17 +403,26 @@ class MMDiT(ModelMixin, ConfigMixin):
             raise ValueError(f"KV cache has {kv_cache.num_layers} layers, the model {self.config.num_layers}")
         if update_cache and kv_cache is None:
             raise ValueError("update_cache=True needs a kv_cache")
+        n = batch if kv_cache is None or kv_cache.batch_size is None else kv_cache.batch_size
+        if n > batch or (n < batch and (update_cache or attn_mask is not None)):
+            raise ValueError(
+                f"KV cache of batch {n} for an input of batch {batch}: only a read-only forward with the "
+                "default mask may add rows that stand alone"
+            )
         if positions is None:
-            positions = torch.arange(length, device=device).expand(batch, length)  # (B, L)
+            positions = torch.arange(length, device=device).expand(batch, length).clone()  # (B, L)
             if kv_cache is not None and kv_cache.seq_len:
-                positions = kv_cache.lengths()[:, None] + positions  # queries continue each sample
+                positions[:n] += kv_cache.lengths()[:, None]  # queries continue each sample
         else:
             positions = self._per_token(positions, xs, "positions").long()
+        mask_alone = None
         if attn_mask is None:
-            k_pos, k_valid = (
-                (positions, valid) if kv_cache is None else kv_cache.key_metadata(positions, valid)
-            )
-            attn_mask = block_causal_mask(positions, k_pos, self.config.block_size, valid, k_valid)
+            bs = self.config.block_size
+            q_pos, q_valid = positions[:n], valid[:n]
+            k_pos, k_valid = (q_pos, q_valid) if kv_cache is None else kv_cache.key_metadata(q_pos, q_valid)
+            attn_mask = block_causal_mask(q_pos, k_pos, bs, q_valid, k_valid)
+            if n < batch:
+                mask_alone = block_causal_mask(positions[n:], positions[n:], bs, valid[n:], valid[n:])
 
         inv_freq, time_freqs = self._frequencies(device)
         c = F.silu(self.time_embed(t, time_freqs))  # (B, L or 1, D), shared by all adaLN heads
@@ -405,7 +432,9 @@ class MMDiT(ModelMixin, ConfigMixin):
             cs = dict(zip(xs, c.split([v.shape[1] for v in xs.values()], dim=1)))
         h = {m: self.embed_in[m](v) for m, v in xs.items()}  # {m: (B, L_m, D)}
         rope = rotary(positions, inv_freq, "interleaved") if inv_freq.numel() else None
-        ctx = _AttnContext(positions, attn_mask, rope, self.config.attn_backend, kv_cache, update_cache)
+        ctx = _AttnContext(
+            positions, attn_mask, rope, self.config.attn_backend, kv_cache, update_cache, n, mask_alone
+        )
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing and kv_cache is None:
                 h = self._gradient_checkpointing_func(block, h, cs, ctx)

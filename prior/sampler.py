@@ -17,8 +17,8 @@ Design choices
   ``x - dt v`` (checked by a test).
 * **CFG in one (2B) forward.** Rows ``[0, B)`` are the conditional branch (block after the
   cache, positions continuing each sample); rows ``[B, 2B)`` are the unconditional branch: the
-  block alone at positions ``0..bs-1`` (released), via ``KVCache.expand_for_cfg()`` built once
-  per block. ``v = w (v_c - v_u) + v_u`` with ``w`` per sample; ``w = 1`` for samples whose prefix
+  block alone at positions ``0..bs-1`` (released): the prior reads its batch-B cache for the
+  first rows only and runs the others' attention over their own block. ``v = w (v_c - v_u) + v_u`` with ``w`` per sample; ``w = 1`` for samples whose prefix
   is empty in the first block (released). When every ``w`` of a block is 1 the unconditional half
   is skipped. A block costs ``K`` prior calls + 1 commit (the released loop makes ``2K + 1``).
 * **First block** when the prompt does not end on a block boundary (``first_block``):
@@ -47,6 +47,9 @@ Design choices
 * **Default (non-compat) output**: new tokens only, cut after the first stop id (kept) and at
   ``max_new_tokens`` (unless ``whole_blocks``); the loop stops when every sample has stopped or has
   ``max_new_tokens`` new tokens. Stop ids at pinned positions do not count.
+* **Per-sample timesteps**: when no position of a block is pinned, every token of a sample shares
+  its timestep, so the prior gets a (B,) timestep and computes each adaLN modulation once per
+  sample instead of once per token (the commit and prefill pass a scalar 0).
 * **Token sampling** on the decoded logits: repetition penalty with the released semantics (every
   id sampled in *earlier* blocks of the sample, pinned positions included, once per distinct id,
   at every position of the block: ``logit * p`` if negative else ``logit / p``), then greedy
@@ -313,7 +316,7 @@ class BlockSampler:
         calls = 0
         if prefix.shape[1] > 0:
             positions = torch.arange(prefix.shape[1], device=device).expand(batch, -1)  # (B, P)
-            zeros = torch.zeros(prefix.shape[:2], device=device)
+            zeros = torch.zeros(batch, device=device)  # t = 0 for every prefix token
             self._prior(prefix, zeros, positions, prior_cache, True, valid=prefix_valid)
             calls += 1
             self.vae.decode(prefix.to(self.vae.dtype), prefix_valid, positions, vae_cache, update_cache=True)
@@ -331,7 +334,7 @@ class BlockSampler:
             x, steps = self._transport(eps, positions, w, pin, prior_cache, k, step_callback)
             calls += steps
             # 3. commit the block to the prior cache, decode it with the VAE decoder's cache
-            self._prior(x, torch.zeros(batch, bs, device=device), positions, prior_cache, True)
+            self._prior(x, torch.zeros(batch, device=device), positions, prior_cache, True)
             calls += 1
             logits = self.vae.decode(
                 x.to(self.vae.dtype), None, positions, vae_cache, update_cache=True
@@ -446,7 +449,6 @@ class BlockSampler:
         cfg, sched = self.config, self.scheduler
         batch, bs, _ = eps.shape
         guided = bool((w != 1).any())
-        cfg_cache = cache.expand_for_cfg() if guided else cache
         alone = torch.arange(bs, device=eps.device).expand(batch, bs)  # unconditional: block alone
         model_pos = torch.cat((positions, alone)) if guided else positions
         known, mask = pin if pin is not None else (None, None)
@@ -466,7 +468,8 @@ class BlockSampler:
                 sigma = sched.sigmas[s].to(eps.device)
                 x = torch.where(mask[..., None], (1 - sigma) * known + sigma * eps, x)
             x_in = torch.cat((x, x)) if guided else x
-            v_all = self._prior(x_in, torch.cat((tt, tt)) if guided else tt, model_pos, cfg_cache, False)
+            t_in = tt if has_pin else tt[:, 0]  # (B, bs), or (B,): one adaLN modulation per sample
+            v_all = self._prior(x_in, torch.cat((t_in, t_in)) if guided else t_in, model_pos, cache, False)
             v_c, v_u = v_all.chunk(2) if guided else (v_all, None)
             v = w[:, None, None] * (v_c - v_u) + v_u if guided else v_c  # (B, bs, d)
             x_new = sched.step(v, t, x).prev_sample

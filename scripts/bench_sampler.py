@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from prior.mmdit import MMDiT
 from prior.sampler import BlockSampler, SamplerConfig, apply_repetition_penalty, sample_tokens
-from unimodal.attention import rope_inv_freq
+from unimodal.attention import rope_inv_freq, rotary
 from unimodal.kv_cache import KVCache
 from unimodal.masks import AttentionMask
 from unimodal.text_vae import TextVAE
@@ -322,9 +322,8 @@ class ReleasedLoop(_ReferenceLoop):
         cache, n = self.vae_cache, x.shape[1]
         positions = (cache.seq_len + torch.arange(n))[None]  # (1, n)
         mask = self._mask(cache.seq_len + n, n, self.vae.config.block_size)
-        logits = self.vae.decoder(
-            x.to(self.vae.dtype), positions, self.vae_inv_freq, mask, cache, True, self.vae.attn_backend
-        )
+        rope = rotary(positions, self.vae_inv_freq, "neox")
+        logits = self.vae.decoder(x.to(self.vae.dtype), rope, mask, cache, self.vae.attn_backend)
         cache.advance(positions, torch.ones(1, n, dtype=torch.bool))
         return logits
 

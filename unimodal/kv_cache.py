@@ -5,15 +5,20 @@ runs K denoising steps that all *read* the cache, then one commit pass of the fi
 that *writes* it; the VAE decoder writes each decoded block. So the cache is a plain object with
 two verbs, and a model never keeps cache state on its modules:
 
-* ``keys_values(layer, k, v)`` returns ``[cache ; new]`` for attention without storing anything;
-* ``update(layer, k, v)`` stores ``[cache ; new]`` (only in a forward called with
-  ``update_cache=True``), and ``advance(positions, valid)`` records the new tokens' metadata
-  once per forward, after the last layer.
+* ``keys_values(layer, k, v)`` returns ``[committed ; new]`` keys and values for attention, in
+  every layer of every forward;
+* ``advance(positions, valid)`` commits the new tokens, once, after the last layer of a forward
+  called with ``update_cache=True`` (a block's commit pass, a prefill). Nothing else changes what
+  the cache holds.
 
-Per layer it holds post-RoPE keys and values ``(B, H, S, D)``; the metadata ``positions (B, S)``
-and ``valid (B, S)`` let masks treat cached keys exactly like fresh ones (a sample's prefix may be
-shorter than another's: its missing slots are invalid). Caching post-RoPE keys is exact: RoPE
-and the per-token key norms are deterministic per position.
+Storage is preallocated per layer, ``(B, H, capacity, D)``, and grows by doubling, so a forward
+never copies the history: ``keys_values`` places the new tokens in the free slots after the
+committed ones and returns a view; until ``advance`` those slots are scratch that the next
+forward overwrites. Per layer it
+holds post-RoPE keys and values; the metadata ``positions (B, S)`` and ``valid (B, S)`` let masks
+treat cached keys exactly like fresh ones (a sample's prefix may be shorter than another's: its
+missing slots are invalid). Caching post-RoPE keys is exact: RoPE and the per-token key norms are
+deterministic per position.
 """
 
 from __future__ import annotations
@@ -22,15 +27,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+_MIN_CAPACITY = 64
+
 
 @dataclass
 class KVCache:
     """Keys/values of committed tokens for ``num_layers`` attention layers."""
 
     num_layers: int
-    keys: list[torch.Tensor | None] = field(default_factory=list)
+    keys: list[torch.Tensor | None] = field(default_factory=list)  # (B, H, capacity, D) per layer
     values: list[torch.Tensor | None] = field(default_factory=list)
-    positions: torch.Tensor | None = None  # (B, S) int64
+    positions: torch.Tensor | None = None  # (B, S) int64 of the committed tokens
     valid: torch.Tensor | None = None  # (B, S) bool
 
     def __post_init__(self) -> None:
@@ -40,7 +47,7 @@ class KVCache:
 
     @property
     def seq_len(self) -> int:
-        """Number of cached slots S (including invalid padding slots)."""
+        """Number of committed slots S (including invalid padding slots)."""
         return 0 if self.positions is None else self.positions.shape[1]
 
     @property
@@ -61,33 +68,35 @@ class KVCache:
         return torch.cat((self.positions, q_pos), dim=1), torch.cat((self.valid, q_valid), dim=1)
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[cached ; new] keys and values for attention, (B, H, S + Lq, D). Stores nothing."""
-        if self.keys[layer] is None:
-            return k, v
-        return torch.cat((self.keys[layer], k), dim=2), torch.cat((self.values[layer], v), dim=2)
+        """[committed ; new] keys and values for attention, (B, H, S + Lq, D), as views.
 
-    def update(self, layer: int, k_all: torch.Tensor, v_all: torch.Tensor) -> None:
-        """Store the keys/values returned by :meth:`keys_values` (the commit of a finished block)."""
-        self.keys[layer], self.values[layer] = k_all, v_all
+        The new tokens (B, H, Lq, D) go to the free slots after the committed ones; they become part
+        of the cache only if :meth:`advance` follows."""
+        self._check_batch(k.shape[0])
+        return self._place(layer, k, v)
 
     def advance(self, q_pos: torch.Tensor, q_valid: torch.Tensor) -> None:
-        """Append the metadata of the tokens just written to every layer."""
+        """Commit the tokens the last forward placed in every layer by recording their metadata."""
         self.positions, self.valid = self.key_metadata(q_pos, q_valid)
 
-    def expand_for_cfg(self) -> KVCache:
-        """A read-only (2B) view for one batched CFG forward: rows [0, B) see the cache, rows [B, 2B)
-        (the unconditional branch) see none of it, as if the block stood alone."""
-        if self.positions is None:
-            return KVCache(self.num_layers)
-        dup = KVCache(
-            self.num_layers,
-            keys=[None if k is None else torch.cat((k, k), dim=0) for k in self.keys],
-            values=[None if v is None else torch.cat((v, v), dim=0) for v in self.values],
-            positions=torch.cat((self.positions, self.positions), dim=0),
-            valid=torch.cat((self.valid, torch.zeros_like(self.valid)), dim=0),
-        )
-        return dup
+    def _place(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v into the slots after the committed ones; return views of [committed ; new]."""
+        start, end = self.seq_len, self.seq_len + k.shape[2]
+        buf_k, buf_v = self.keys[layer], self.values[layer]
+        if buf_k is None or buf_k.shape[2] < end or buf_k.shape[0] != k.shape[0] or buf_k.dtype != k.dtype:
+            capacity = max(_MIN_CAPACITY, 2 * end)
+            new_k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
+            new_v = v.new_empty(v.shape[0], v.shape[1], capacity, v.shape[3])
+            if buf_k is not None and start:
+                new_k[:, :, :start] = buf_k[:, :, :start]
+                new_v[:, :, :start] = buf_v[:, :, :start]
+            self.keys[layer], self.values[layer] = buf_k, buf_v = new_k, new_v
+        buf_k[:, :, start:end] = k
+        buf_v[:, :, start:end] = v
+        return buf_k[:, :, :end], buf_v[:, :, :end]
 
     def _check_batch(self, batch: int) -> None:
         if self.positions is not None and self.positions.shape[0] != batch:
-            raise ValueError(f"KV cache holds batch {self.positions.shape[0]} but the input has batch {batch}")
+            raise ValueError(
+                f"KV cache holds batch {self.positions.shape[0]} but the input has batch {batch}"
+            )

@@ -129,7 +129,6 @@ class TextVAEBlock(nn.Module):
         mask: AttentionMask,
         layer: int,
         kv_cache: KVCache | None,
-        update_cache: bool,
         backend: str,
     ) -> torch.Tensor:
         b, n, _ = x.shape
@@ -141,8 +140,6 @@ class TextVAEBlock(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if kv_cache is not None:
             k, v = kv_cache.keys_values(layer, k, v)  # (B, H, S + N, hd): [cache ; new]
-            if update_cache:
-                kv_cache.update(layer, k, v)
         out = attention(q, k, v, mask, backend=backend)  # (B, H, N, hd)
         return self.attn_out_proj(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, D)
 
@@ -157,10 +154,9 @@ class TextVAEBlock(nn.Module):
         mask: AttentionMask,
         layer: int,
         kv_cache: KVCache | None = None,
-        update_cache: bool = False,
         backend: str = "sdpa",
     ) -> torch.Tensor:
-        attn = self.attn(x, rope, mask, layer, kv_cache, update_cache, backend)
+        attn = self.attn(x, rope, mask, layer, kv_cache, backend)
         y = self.norm_attn(x) + attn  # released wiring: LN of x plus attention of the un-normalised x
         return y + self.norm_ffn(self.ffn(y))  # (B, N, D)
 
@@ -203,11 +199,11 @@ class TextVAEDecoder(nn.Module):
         self.final_norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.final_layer = nn.Linear(dim, cfg.vocab_size)  # untied LM head, no [MASK] output
 
-    def forward(self, latents, rope: Rotary, mask, kv_cache, update_cache, backend) -> torch.Tensor:
+    def forward(self, latents, rope: Rotary, mask, kv_cache, backend) -> torch.Tensor:
         b, n, _ = latents.shape
         h = self.in_layer(latents)  # (B, N, D)
         for i, block in enumerate(self.blocks):
-            h = block(h, rope, mask, i, kv_cache, update_cache, backend=backend)
+            h = block(h, rope, mask, i, kv_cache, backend=backend)
         h = self.unpatch_layer(h).reshape(b, n * self.patch_size, -1)  # (B, N*p, D): latent j -> tokens jp..
         return self.final_layer(self.final_norm(h))  # (B, N*p, V)
 
@@ -405,14 +401,8 @@ class TextVAE(ModelMixin, ConfigMixin):
         else:
             k_pos, k_valid = positions, valid
         mask = block_causal_mask(positions, k_pos, self.config.block_size, valid, k_valid)
-        logits = self.decoder(
-            latents,
-            rotary(positions, self._inv_freq(device), "neox"),
-            mask,
-            kv_cache,
-            update_cache,
-            self.attn_backend,
-        )
+        rope = rotary(positions, self._inv_freq(device), "neox")
+        logits = self.decoder(latents, rope, mask, kv_cache, self.attn_backend)  # (B, N*p, V)
         if update_cache:
             kv_cache.advance(positions, valid)
         return TextVAEDecoderOutput(
