@@ -83,6 +83,22 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+@dataclass
+class Conditioning:
+    """SiLU(timestep embedding) of the distinct timesteps, and which one each token uses.
+
+    Timesteps repeat heavily (one per block in training, one per sample when sampling, 0 on every
+    clean token), so the embedding MLP and every adaLN linear run on the U distinct values and
+    their outputs are gathered per token: ``rows(linear) = linear(table)[index]``.
+    """
+
+    table: torch.Tensor  # (U, D)
+    index: torch.Tensor  # (B, T) int64 into table; T = tokens of the segment, or 1 (per sample)
+
+    def rows(self, linear: nn.Module) -> torch.Tensor:
+        return linear(self.table)[self.index]  # (B, T, out)
+
+
 def timestep_freqs(dim: int = TIME_FREQ_DIM, max_period: float = 1e4) -> torch.Tensor:
     """f_k = exp(-ln(max_period) k / (dim/2)), k < dim/2: the exponent in fp32 as released, the exp in fp64
     rounded once, so the table is the same on every platform. fp32 ``exp`` is not: it can differ by an ulp
@@ -111,7 +127,7 @@ class TimestepEmbedding(nn.Module):
         self.proj_hid = nn.Linear(width, width)
         self.proj_out = nn.Linear(width, width)
 
-    def forward(self, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, D)
+    def forward(self, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:  # (...,) -> (..., D)
         emb = timestep_sinusoid(t, freqs).to(self.proj_in.weight.dtype)
         return self.proj_out(F.silu(self.proj_hid(F.silu(self.proj_in(emb)))))
 
@@ -138,9 +154,9 @@ class Stream(nn.Module):
         self.proj = nn.Linear(heads * head_dim, width, bias=qk_bias)
         self.mlp = MLP(width, mlp_hidden)
 
-    def modulation(self, c: torch.Tensor) -> tuple[Modulation, Modulation]:
-        """c = SiLU(timestep embedding) (B, T, D) -> (attention, MLP) modulations."""
-        chunks = self.ada(c).chunk(6, dim=-1)  # 6 x (B, T, D)
+    def modulation(self, c: Conditioning) -> tuple[Modulation, Modulation]:
+        """The (attention, MLP) modulations of every token (T = L or 1)."""
+        chunks = c.rows(self.ada).chunk(6, dim=-1)  # 6 x (B, T, D)
         return Modulation(*chunks[:3]), Modulation(*chunks[3:])
 
 
@@ -200,7 +216,7 @@ class MMDiTBlock(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), eps=self.eps)
 
     def forward(
-        self, h: dict[str, torch.Tensor], c: dict[str, torch.Tensor], ctx: _AttnContext
+        self, h: dict[str, torch.Tensor], c: dict[str, Conditioning], ctx: _AttnContext
     ) -> dict[str, torch.Tensor]:
         mods = {m: self.streams[m].modulation(c[m]) for m in h}
         qs, ks, vs = [], [], []
@@ -211,7 +227,7 @@ class MMDiTBlock(nn.Module):
             qs.append(s.norm_q(q))
             ks.append(s.norm_k(k))
             vs.append(v)
-        q, k, v = torch.cat(qs, dim=2), torch.cat(ks, dim=2), torch.cat(vs, dim=2)  # (B, H, L, Dh)
+        q, k, v = (t[0] if len(t) == 1 else torch.cat(t, dim=2) for t in (qs, ks, vs))  # (B, H, L, Dh)
         if ctx.rope is not None:
             q, k = apply_rope(q, ctx.rope), apply_rope(k, ctx.rope)
         o = joint_attention(q, k, v, ctx, self.layer)  # (B, H, L, Dh)
@@ -233,8 +249,8 @@ class FinalLayer(nn.Module):
         self.ada = nn.Linear(width, 2 * width)
         self.proj = nn.Linear(width, out_channels)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, L, C)
-        shift, scale = self.ada(c).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, c: Conditioning) -> torch.Tensor:  # (B, L, D) -> (B, L, C)
+        shift, scale = c.rows(self.ada).chunk(2, dim=-1)
         return self.proj(modulate(self.norm(x), shift, scale))
 
 
@@ -425,11 +441,13 @@ class MMDiT(ModelMixin, ConfigMixin):
                 mask_alone = block_causal_mask(positions[n:], positions[n:], bs, valid[n:], valid[n:])
 
         inv_freq, time_freqs = self._frequencies(device)
-        c = F.silu(self.time_embed(t, time_freqs))  # (B, L or 1, D), shared by all adaLN heads
-        if c.shape[1] == 1:
-            cs = dict.fromkeys(xs, c)
+        distinct, index = torch.unique(t, return_inverse=True)  # (U,), (B, L or 1)
+        table = F.silu(self.time_embed(distinct, time_freqs))  # (U, D), shared by all adaLN heads
+        if index.shape[1] == 1:
+            cs = dict.fromkeys(xs, Conditioning(table, index))
         else:
-            cs = dict(zip(xs, c.split([v.shape[1] for v in xs.values()], dim=1)))
+            parts = index.split([v.shape[1] for v in xs.values()], dim=1)
+            cs = {m: Conditioning(table, i) for m, i in zip(xs, parts)}
         h = {m: self.embed_in[m](v) for m, v in xs.items()}  # {m: (B, L_m, D)}
         rope = rotary(positions, inv_freq, "interleaved") if inv_freq.numel() else None
         ctx = _AttnContext(

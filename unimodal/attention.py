@@ -73,7 +73,7 @@ def apply_rope(x: torch.Tensor, rope: Rotary) -> torch.Tensor:
     rot = rope.cos.shape[-1]
     if rot > x.shape[-1]:
         raise ValueError(f"rotary dim {rot} exceeds head dim {x.shape[-1]}")
-    xr, x_pass = x[..., :rot].float(), x[..., rot:]
+    xr, x_pass = x[..., :rot].float(), x[..., rot:]  # .float() is free for fp32 inputs
     if rope.style == "neox":
         x1, x2 = xr.chunk(2, dim=-1)
         rotated = torch.cat((-x2, x1), dim=-1)  # (x1, x2) -> (-x2, x1)
