@@ -126,7 +126,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     vae = TextVAE.from_pretrained(vae_export / "text_vae")
     print(evaluate_text_vae(vae, val_ds, max_batches=args.eval_batches, progress=False).format())
 
-    print("== Stage 2: block-causal prior, trained jointly with the VAE ==")
+    print("== Stage 2: block-causal prior (flow matching) ==")
     cola_cfg = load_run_config(
         configs / "cola_tiny.yaml",
         [
@@ -298,8 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="tiny Stage 1 + Stage 2 on the embedded corpus, then samples")
     p.add_argument("--output-dir", default="runs/quickstart")
-    p.add_argument("--vae-minutes", type=float, default=4.0, help="Stage-1 wall-clock budget")
-    p.add_argument("--prior-minutes", type=float, default=8.5, help="Stage-2 wall-clock budget")
+    p.add_argument("--vae-minutes", type=float, default=3.0, help="Stage-1 wall-clock budget")
+    p.add_argument("--prior-minutes", type=float, default=9.5, help="Stage-2 wall-clock budget")
     p.add_argument("--vae", action="append", default=[], metavar="KEY=VALUE", help="Stage-1 config override")
     p.add_argument("--cola", action="append", default=[], metavar="KEY=VALUE", help="Stage-2 config override")
     p.add_argument("--num-prompts", type=int, default=16)

@@ -4,9 +4,10 @@ At toy scale a sample's quality is best judged against two anchors measured the 
 held-out real text (the ceiling) and words drawn from the training unigram distribution (word
 salad). Three figures:
 
-* **in-vocabulary words**: the fraction of generated words (``[A-Za-z]+`` runs, lowercased) that
-  occur in the training split. Real held-out text scores about 0.9 on the embedded corpus,
-  unigram salad less (its BPE pieces glue into non-words);
+* **in-vocabulary words**: the fraction of generated words (whitespace-separated strings, exact,
+  punctuation included) that occur as words of the training split. Real held-out text scores
+  about 0.93 on the embedded corpus and unigram salad about 0.64 (its BPE pieces glue into
+  non-words), in line with the prototype's 0.90 / 0.58 anchors of DESIGN §8;
 * **distinct-2**: distinct word bigrams / word bigrams (repetition shows up as a low value);
 * **bigram log-likelihood**: mean per-token log-probability under an add-k smoothed token
   bigram model fit on the training split (fluency of local transitions).
@@ -15,18 +16,15 @@ salad). Three figures:
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-_WORD = re.compile(r"[A-Za-z]+")
-
-
 def words(text: str) -> list[str]:
-    return [w.lower() for w in _WORD.findall(text)]
+    """Whitespace-separated words, exactly as written (punctuation and case included)."""
+    return text.split()
 
 
 @dataclass

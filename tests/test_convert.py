@@ -29,15 +29,6 @@ from prior.sampler import BlockSampler
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models: one intra-op thread is much faster than two on a shared CPU (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 GOLDEN = Path(__file__).resolve().parents[2] / "shared/reference/golden/A"
 pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden folder not found: {GOLDEN}")
 

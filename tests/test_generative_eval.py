@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from helpers import tiny_pipeline as build_tiny_pipeline
 
 from prior.cli import main as cli_main
 from prior.eval_tasks import RELEASED_TASKS, load_task_jsonl
@@ -20,21 +20,9 @@ from prior.generative_eval import (
     run_generative_eval,
     sample_key,
 )
-from prior.mmdit import MMDiT
 from prior.pipeline_cola_text import ColaTextPipeline
-from unimodal.text_vae import TextVAE
-from unimodal.tokenization import model_vocab_size, train_bpe_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models: one intra-op thread is much faster than two on a shared CPU (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 DATA = Path(__file__).parent / "data" / "eval_tasks"
@@ -47,17 +35,7 @@ FAST = ["--steps", "2", "--max-new-tokens", "8", "--batch-size", "4"]
 
 
 def tiny_pipeline() -> ColaTextPipeline:
-    tokenizer = train_bpe_tokenizer(SENTENCES, vocab_size=300)
-    torch.manual_seed(0)
-    vae = TextVAE(
-        vocab_size=model_vocab_size(tokenizer), dim=32, ffn_dim=64, num_heads=2, encoder_num_blocks=1,
-        decoder_num_blocks=1, latent_dim=4, block_size=2, max_seq_len=2048,
-    )  # fmt: skip
-    prior = MMDiT(in_channels=[4], width=32, heads=2, head_dim=16, rope_dim=8, num_layers=1, block_size=4,
-                  adaln_zero_init=False)  # fmt: skip
-    pipe = ColaTextPipeline(vae.eval(), prior.eval(), FlowMatchEulerDiscreteScheduler(), tokenizer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return build_tiny_pipeline(SENTENCES, max_seq_len=2048)
 
 
 @pytest.fixture(scope="module")

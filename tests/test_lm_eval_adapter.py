@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 lm_eval = pytest.importorskip("lm_eval")
 
+from helpers import tiny_pipeline as build_tiny_pipeline  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
@@ -26,10 +26,7 @@ from prior.lm_eval_adapter import (  # noqa: E402
     predictive_logprobs,
     reconstruction_logprobs,
 )
-from prior.mmdit import MMDiT  # noqa: E402
 from prior.pipeline_cola_text import ColaTextPipeline  # noqa: E402
-from unimodal.text_vae import TextVAE  # noqa: E402
-from unimodal.tokenization import model_vocab_size, train_bpe_tokenizer  # noqa: E402
 
 TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
 SENTENCES = [
@@ -40,27 +37,8 @@ SENTENCES = [
 ] * 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models: one intra-op thread is much faster than two on a shared CPU (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_pipeline() -> ColaTextPipeline:
-    tokenizer = train_bpe_tokenizer(SENTENCES, vocab_size=300)
-    torch.manual_seed(0)
-    vae = TextVAE(
-        vocab_size=model_vocab_size(tokenizer), dim=32, ffn_dim=64, num_heads=2, encoder_num_blocks=1,
-        decoder_num_blocks=1, latent_dim=4, block_size=2, max_seq_len=256,
-    )  # fmt: skip
-    prior = MMDiT(in_channels=[4], width=32, heads=2, head_dim=16, rope_dim=8, num_layers=1, block_size=4,
-                  adaln_zero_init=False)  # fmt: skip
-    pipe = ColaTextPipeline(vae.eval(), prior.eval(), FlowMatchEulerDiscreteScheduler(), tokenizer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return build_tiny_pipeline(SENTENCES, max_seq_len=256)
 
 
 @pytest.fixture(scope="module")

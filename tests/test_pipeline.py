@@ -5,12 +5,9 @@ import os
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from helpers import tiny_pipeline as build_tiny_pipeline
 
-from prior.mmdit import MMDiT
 from prior.pipeline_cola_text import ColaTextPipeline, ColaTextPipelineOutput
-from unimodal.text_vae import TextVAE
-from unimodal.tokenization import model_vocab_size, train_bpe_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -22,27 +19,9 @@ SENTENCES = [
 ] * 4
 
 
-def perturb(model: torch.nn.Module, seed: int, scale: float) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(scale * torch.randn(param.shape, generator=gen))
-
-
 @pytest.fixture(scope="module")
 def pipe():
-    tokenizer = train_bpe_tokenizer(SENTENCES, vocab_size=300)
-    torch.manual_seed(0)
-    vae = TextVAE(
-        vocab_size=model_vocab_size(tokenizer), dim=32, ffn_dim=64, num_heads=2, encoder_num_blocks=1,
-        decoder_num_blocks=1, latent_dim=4, block_size=2, max_seq_len=128,
-    )  # fmt: skip
-    prior = MMDiT(in_channels=[4], width=32, heads=2, head_dim=16, rope_dim=8, num_layers=2, block_size=4,
-                  adaln_zero_init=False)  # fmt: skip
-    perturb(vae, 1, 0.05)
-    perturb(prior, 2, 0.1)
-    pipeline = ColaTextPipeline(vae.eval(), prior.eval(), FlowMatchEulerDiscreteScheduler(), tokenizer)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = build_tiny_pipeline(SENTENCES, max_seq_len=128, prior_layers=2, perturb_scale=0.1)
     return pipeline
 
 

@@ -1,0 +1,39 @@
+"""Shared builders for tests: a tiny random Cola text pipeline with a BPE trained on a few sentences."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from prior.mmdit import MMDiT
+from prior.pipeline_cola_text import ColaTextPipeline
+from unimodal.text_vae import TextVAE
+from unimodal.tokenization import model_vocab_size, train_bpe_tokenizer
+
+
+def perturb(model: torch.nn.Module, seed: int, scale: float) -> None:
+    """Add seeded Gaussian noise to every parameter (so no path is trivially zero or identity)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=gen))
+
+
+def tiny_pipeline(
+    sentences: list[str], max_seq_len: int = 256, prior_layers: int = 1, perturb_scale: float | None = None
+) -> ColaTextPipeline:
+    """Text VAE (d=32, latent 4, block 2) + MMDiT (width 32, block 4) + a 300-token BPE; eval mode."""
+    tokenizer = train_bpe_tokenizer(sentences, vocab_size=300)
+    torch.manual_seed(0)
+    vae = TextVAE(
+        vocab_size=model_vocab_size(tokenizer), dim=32, ffn_dim=64, num_heads=2, encoder_num_blocks=1,
+        decoder_num_blocks=1, latent_dim=4, block_size=2, max_seq_len=max_seq_len,
+    )  # fmt: skip
+    prior = MMDiT(in_channels=[4], width=32, heads=2, head_dim=16, rope_dim=8, num_layers=prior_layers,
+                  block_size=4, adaln_zero_init=False)  # fmt: skip
+    if perturb_scale is not None:
+        perturb(vae, 1, perturb_scale / 2)
+        perturb(prior, 2, perturb_scale)
+    pipe = ColaTextPipeline(vae.eval(), prior.eval(), FlowMatchEulerDiscreteScheduler(), tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
