@@ -65,6 +65,7 @@ from prior.scoring import (
     normalize_text,
     summarize,
 )
+from unimodal.text_data import iter_jsonl
 
 RELEASED_TASKS = ("lambada", "obqa", "hellaswag", "mmlu", "race", "siqa", "squad", "story_cloze")
 EMBEDDED_TASKS = ("next_word", "continuation")
@@ -334,36 +335,21 @@ def load_task_jsonl(path: str | os.PathLike, task: str, limit: int | None = None
     if not path.is_file():
         raise FileNotFoundError(f"task file not found: {path}")
     items: list[EvalItem] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if limit is not None and len(items) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-            if not isinstance(row, dict) or "question" not in row:
-                raise ValueError(f"{path}:{lineno}: expected an object with a 'question' field")
-            answers = [row[k] for k in ("answer", "ground_truth") if k in row]
-            if not answers:
-                raise ValueError(f"{path}:{lineno}: needs an 'answer' or 'ground_truth' field")
-            if len(answers) == 2 and answers[0] != answers[1]:
-                raise ValueError(f"{path}:{lineno}: 'answer' and 'ground_truth' disagree")
-            try:
-                items.append(
-                    make_item(
-                        task,
-                        row.get("id", f"{task}-{len(items)}"),
-                        row["question"],
-                        answers[0],
-                        row.get("choices"),
-                        row.get("context"),
-                    )
-                )
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from e
+    for lineno, row in iter_jsonl(path, "question"):
+        if limit is not None and len(items) >= limit:
+            break
+        answers = [row[k] for k in ("answer", "ground_truth") if k in row]
+        if not answers:
+            raise ValueError(f"{path}:{lineno}: needs an 'answer' or 'ground_truth' field")
+        if len(answers) == 2 and answers[0] != answers[1]:
+            raise ValueError(f"{path}:{lineno}: 'answer' and 'ground_truth' disagree")
+        item_id = row.get("id", f"{task}-{len(items)}")
+        try:
+            items.append(
+                make_item(task, item_id, row["question"], answers[0], row.get("choices"), row.get("context"))
+            )
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from e
     if not items:
         raise ValueError(f"no items in {path}")
     return items

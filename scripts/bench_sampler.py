@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -224,7 +225,7 @@ class CachedLoop:
         return ids, torch.stack(latents)
 
 
-class _ReferenceLoop:
+class _ReferenceLoop(ABC):
     """Block loop shared by the two baselines: K Euler steps with CFG, decode, greedy + penalty.
 
     Subclasses say how a velocity is computed (:meth:`velocities`), how the prompt is prepared
@@ -261,14 +262,17 @@ class _ReferenceLoop:
         out = self.prior(x.to(self.prior.dtype), t, positions=positions, **kwargs)
         return out.velocity.float()
 
+    @abstractmethod
     def start(self, z: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Take the prompt's clean latents z (1, P, d)."""
 
+    @abstractmethod
     def velocities(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(conditional, unconditional) velocities of the current block x (1, bs, d)."""
 
+    @abstractmethod
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Commit the finished block and decode it: logits (1, bs, V)."""
 
 
 class RecomputeLoop(_ReferenceLoop):

@@ -274,19 +274,26 @@ def read_text_documents(paths: Sequence[str], unit: str = "paragraph") -> list[s
     return docs
 
 
+def iter_jsonl(path: str | os.PathLike, required: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSON-lines file; each object must hold
+    the field ``required``. A bad line raises one ValueError naming ``path:line``."""
+    for lineno, line in enumerate(_read_utf8(str(path)).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+        if not isinstance(record, dict) or required not in record:
+            raise ValueError(f"{path}:{lineno}: no {required!r} field")
+        yield lineno, record
+
+
 def read_jsonl_documents(paths: Sequence[str], text_field: str = "text") -> list[str]:
     """Documents of JSON-lines files: the string in ``text_field`` of every object."""
     docs = []
     for path in resolve_paths(paths, (".jsonl",)):
-        for lineno, line in enumerate(_read_utf8(path).splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-            if not isinstance(record, dict) or text_field not in record:
-                raise ValueError(f"{path}:{lineno}: no {text_field!r} field")
+        for lineno, record in iter_jsonl(path, text_field):
             text = record[text_field]
             if not isinstance(text, str):
                 raise ValueError(f"{path}:{lineno}: {text_field!r} is {type(text).__name__}, not a string")
@@ -466,6 +473,7 @@ __all__ = [
     "deduplicate",
     "embedded_corpus",
     "embedded_documents",
+    "iter_jsonl",
     "load_documents",
     "pack_documents",
     "read_hf_documents",
