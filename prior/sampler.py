@@ -283,7 +283,7 @@ class BlockSampler:
             latents.append(out.latents)
             ids.append(out.sampled_ids)
             last = out
-        layout = self._layout([list(p) for p in prompt_ids])
+        _, layout = self._check_prompts(prompt_ids)
         return SamplerOutput(
             token_ids=token_ids,
             block_latents=latents,
@@ -304,8 +304,7 @@ class BlockSampler:
     ) -> Iterator[BlockOutput]:
         """Yield one :class:`BlockOutput` per generated block (same tokens as :meth:`sample`)."""
         cfg, bs = self.config, self.block_size
-        prompts = self._check_prompts(prompt_ids)
-        layout = self._layout(prompts)
+        prompts, layout = self._check_prompts(prompt_ids)
         batch, device = len(prompts), self._device()
         prefix_len = torch.tensor(layout.prefix, device=device)  # (B,)
         prefix, prefix_valid, known, known_mask = self._encode(layout, device)
@@ -353,7 +352,8 @@ class BlockSampler:
 
     # ------------------------------------------------------------------ prompt layout and encoding
 
-    def _check_prompts(self, prompt_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+    def _check_prompts(self, prompt_ids: Sequence[Sequence[int]]) -> tuple[list[list[int]], _Layout]:
+        """Validated prompts (lists of ints) and their layout."""
         if isinstance(prompt_ids, torch.Tensor):
             prompt_ids = prompt_ids.tolist()
         if len(prompt_ids) == 0:
@@ -372,7 +372,7 @@ class BlockSampler:
                     f"prompt {i} is too long: {len(prompts[i])} tokens plus one block exceed the model "
                     f"maximum of {self.max_tokens} tokens"
                 )
-        return prompts
+        return prompts, layout
 
     def _layout(self, prompts: list[list[int]]) -> _Layout:
         cfg, bs, p = self.config, self.block_size, self.patch_size
