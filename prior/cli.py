@@ -28,8 +28,8 @@ def _find_run_config(path: Path) -> Path | None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from prior.recipes import TRAINERS
-    from prior.run_config import load_run_config
+    from prior.training.recipes import TRAINERS
+    from prior.training.run_config import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
     result = TRAINERS[cfg.task](cfg)
@@ -37,9 +37,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_vae(args: argparse.Namespace) -> None:
-    from prior.evaluation import evaluate_text_vae
-    from prior.recipes import resolve_export
-    from prior.run_config import RunConfig, load_run_config
+    from prior.eval.vae import evaluate_text_vae
+    from prior.training.recipes import resolve_export
+    from prior.training.run_config import RunConfig, load_run_config
     from unimodal.text_data import build_text_datasets
     from unimodal.text_vae import TextVAE
     from unimodal.tokenization import load_tokenizer
@@ -58,14 +58,14 @@ def cmd_eval_vae(args: argparse.Namespace) -> None:
 def load_pipeline(path: str | Path):
     """A ColaTextPipeline from a pipeline folder, a Stage-2 run folder (its newest checkpoint) or a
     released-layout folder (``cola_dit/``, ``cola_vae/``, ``tokenizer.json``)."""
-    from prior.convert import load_pipeline as load
+    from prior.checkpoints.released import load_pipeline as load
 
     return load(path)
 
 
 def _generate_kwargs(args: argparse.Namespace) -> dict:
     if getattr(args, "released", False):  # the released protocol; flags given explicitly override it
-        from prior.generative_eval import generation_kwargs
+        from prior.eval.generative import generation_kwargs
 
         return generation_kwargs(released=True, max_new_tokens=args.max_new_tokens)
     return dict(
@@ -100,9 +100,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
-    from prior.evaluation import evaluate_text_vae
-    from prior.recipes import resolve_export, train_cola, train_text_vae
-    from prior.run_config import load_run_config
+    from prior.eval.vae import evaluate_text_vae
+    from prior.training.recipes import resolve_export, train_cola, train_text_vae
+    from prior.training.run_config import load_run_config
     from unimodal.text_data import build_text_datasets
     from unimodal.tokenization import load_tokenizer
 
@@ -155,7 +155,7 @@ def _sampler_kwargs(s) -> dict:
 
 
 def _samples_report(checkpoint, cfg, num_prompts: int, show: int, kwargs: dict) -> str:
-    from prior.evaluation import generation_report
+    from prior.eval.samples import generation_report
     from unimodal.text_data import load_documents
 
     pipe = load_pipeline(checkpoint)
@@ -167,7 +167,7 @@ def _samples_report(checkpoint, cfg, num_prompts: int, show: int, kwargs: dict) 
 
 
 def cmd_eval_samples(args: argparse.Namespace) -> None:
-    from prior.run_config import RunConfig, load_run_config
+    from prior.training.run_config import RunConfig, load_run_config
 
     run_yaml = args.config or _find_run_config(Path(args.checkpoint))
     cfg = load_run_config(run_yaml) if run_yaml else RunConfig()
@@ -191,7 +191,7 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     import torch
 
-    from prior.convert import convert_released
+    from prior.checkpoints.released import convert_released
 
     dtype = {"float32": None, "bfloat16": torch.bfloat16}[args.dtype]
     out = convert_released(
@@ -204,7 +204,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     import torch
 
-    from prior.generative_eval import evaluate_checkpoint
+    from prior.eval.generative import evaluate_checkpoint
 
     report = evaluate_checkpoint(
         args.checkpoint, tasks=args.tasks, data_dir=args.data_dir, limit=args.limit,
@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch; '' = unconditional")
     p.add_argument("--stream", action="store_true", help="print text block by block")
     p.add_argument(
-        "--released", action="store_true", help="the released inference protocol (prior.generative_eval)"
+        "--released", action="store_true", help="the released inference protocol (prior.eval.generative)"
     )
     _add_generation_flags(p)
     p.set_defaults(func=cmd_sample)

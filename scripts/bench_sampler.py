@@ -3,7 +3,7 @@
 One run, batch 1, random-weight models (the tiny configs by default: ``configs/text/cola_tiny.yaml``
 prior and ``configs/text/vae_tiny.yaml`` VAE; every size is a flag), prints:
 
-1. tokens/s of :class:`~prior.sampler.BlockSampler` (ours: KV caches, CFG batched) against
+1. tokens/s of :class:`~prior.sampling.block_sampler.BlockSampler` (ours: KV caches, CFG batched) against
    :class:`RecomputeLoop` (no cache: every denoising step re-runs the prior over the whole
    ``[context | block]`` sequence, and every block re-runs the VAE decoder over everything);
 2. the first and the last block time of our sampler at the longest run (context grows to ~1,024);
@@ -58,8 +58,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm import tqdm
 
-from prior.mmdit import MMDiT
-from prior.sampler import BlockSampler, SamplerConfig, apply_repetition_penalty, sample_tokens
+from prior.models.mmdit import MMDiT
+from prior.sampling.block_sampler import BlockSampler, SamplerConfig, apply_repetition_penalty, sample_tokens
 from unimodal.attention import rope_inv_freq, rotary
 from unimodal.kv_cache import KVCache
 from unimodal.masks import AttentionMask

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from prior.cli import load_pipeline  # noqa: E402
-from prior.flow_matching import flow_loss_by_t  # noqa: E402
+from prior.training.flow_matching import flow_loss_by_t  # noqa: E402
 from unimodal.text_data import DataConfig, build_text_datasets  # noqa: E402
 
 

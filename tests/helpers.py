@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from prior.mmdit import MMDiT
-from prior.pipeline_cola_text import ColaTextPipeline
+from prior.models.mmdit import MMDiT
+from prior.pipelines.pipeline_cola_text import ColaTextPipeline
 from unimodal.text_vae import TextVAE
 from unimodal.tokenization import model_vocab_size, train_bpe_tokenizer
 

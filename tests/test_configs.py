@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prior.mmdit import MMDiT
-from prior.run_config import load_run_config
+from prior.models.mmdit import MMDiT
+from prior.training.run_config import load_run_config
 from unimodal.text_vae import TextVAE
 
 TEXT = Path(__file__).resolve().parents[1] / "configs" / "text"

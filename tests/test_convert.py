@@ -14,17 +14,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from prior.cli import main as cli_main
-from prior.convert import (
+from prior.checkpoints.released import (
     RELEASE_RECORD,
     convert_released,
     load_pipeline,
     load_released_pipeline,
     read_safetensors_folder,
 )
-from prior.generative_eval import generation_kwargs
-from prior.pipeline_cola_text import ColaTextPipeline
-from prior.sampler import BlockSampler
+from prior.cli import main as cli_main
+from prior.eval.generative import generation_kwargs
+from prior.pipelines.pipeline_cola_text import ColaTextPipeline
+from prior.sampling.block_sampler import BlockSampler
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

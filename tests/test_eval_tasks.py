@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from prior.eval_tasks import (
+from prior.eval.scoring import normalize_text, score_records, score_task
+from prior.eval.tasks import (
     EMBEDDED_TASKS,
     FEW_SHOT_EXAMPLES,
     HF_SOURCES,
@@ -20,7 +21,6 @@ from prior.eval_tasks import (
     make_item,
     write_results,
 )
-from prior.scoring import normalize_text, score_records, score_task
 
 DATA = Path(__file__).parent / "data" / "eval_tasks"
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from prior.flow_matching import (
+from prior.models.mmdit import MMDiT
+from prior.training.flow_matching import (
     FlowMatchingConfig,
     RectifiedFlowPath,
     build_2l_batch,
@@ -17,7 +18,6 @@ from prior.flow_matching import (
     resolve_loc,
     sample_t,
 )
-from prior.mmdit import MMDiT
 from unimodal.masks import two_l_mask
 
 B, N, D, BS = 3, 10, 4, 4  # batch, latents, channels, block size (last block is partial)

@@ -9,8 +9,7 @@ import torch
 from helpers import tiny_pipeline as build_tiny_pipeline
 
 from prior.cli import main as cli_main
-from prior.eval_tasks import RELEASED_TASKS, load_task_jsonl
-from prior.generative_eval import (
+from prior.eval.generative import (
     generate_texts,
     generation_kwargs,
     load_tasks,
@@ -20,7 +19,8 @@ from prior.generative_eval import (
     run_generative_eval,
     sample_key,
 )
-from prior.pipeline_cola_text import ColaTextPipeline
+from prior.eval.tasks import RELEASED_TASKS, load_task_jsonl
+from prior.pipelines.pipeline_cola_text import ColaTextPipeline
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -1,4 +1,4 @@
-"""Parity of prior.mmdit.MMDiT with the official Cola DiT on golden set A (README §5.4-§5.6).
+"""Parity of prior.models.mmdit.MMDiT with the official Cola DiT on golden set A (README §5.4-§5.6).
 
 The golden tensors use the official packed ("NA") layout: samples concatenated on one axis, per-sample
 lengths in ``txt_shape`` (keys) / ``txt_q_shape`` (queries, the suffix of the keys). Here they become
@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prior.mmdit import load_released_dit
+from prior.models.mmdit import load_released_dit
 from unimodal.kv_cache import KVCache
 from unimodal.masks import two_l_mask
 

@@ -14,8 +14,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file
 
-from prior.mmdit import load_released_dit
-from prior.sampler import BlockSampler, SamplerConfig
+from prior.models.mmdit import load_released_dit
+from prior.sampling.block_sampler import BlockSampler, SamplerConfig
 from unimodal.text_vae import load_released_text_vae
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

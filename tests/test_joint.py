@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from prior.flow_matching import FlowMatchingConfig, flow_matching_loss
-from prior.joint import ColaModel, JointConfig, cola_loss_fn, gaussian_kl, scale_grad
-from prior.mmdit import MMDiT
-from prior.trainer import Trainer, TrainerConfig, param_groups
+from prior.models.mmdit import MMDiT
+from prior.training.flow_matching import FlowMatchingConfig, flow_matching_loss
+from prior.training.joint import ColaModel, JointConfig, cola_loss_fn, gaussian_kl, scale_grad
+from prior.training.trainer import Trainer, TrainerConfig, param_groups
 from unimodal.text_vae import TextVAE
 
 LATENT = 4

@@ -20,13 +20,13 @@ from helpers import tiny_pipeline as build_tiny_pipeline  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from prior.lm_eval_adapter import (  # noqa: E402
+from prior.eval.lm_eval_adapter import (  # noqa: E402
     ColaLM,
     cut_at_stop_strings,
     predictive_logprobs,
     reconstruction_logprobs,
 )
-from prior.pipeline_cola_text import ColaTextPipeline  # noqa: E402
+from prior.pipelines.pipeline_cola_text import ColaTextPipeline  # noqa: E402
 
 TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
 SENTENCES = [

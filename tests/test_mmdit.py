@@ -1,4 +1,4 @@
-"""prior.mmdit.MMDiT: cache equivalence, 2L block causality, CFG batching, backends, modalities, I/O."""
+"""prior.models.mmdit.MMDiT: cache equivalence, 2L block causality, CFG batching, backends, modalities, I/O."""
 
 import json
 import warnings
@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from prior.mmdit import MMDiT, convert_released_dit_state_dict, load_released_dit
+from prior.models.mmdit import MMDiT, convert_released_dit_state_dict, load_released_dit
 from unimodal.attention import rope_inv_freq
 from unimodal.config import load_config, schema_from_signature
 from unimodal.kv_cache import KVCache

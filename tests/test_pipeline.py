@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import tiny_pipeline as build_tiny_pipeline
 
-from prior.pipeline_cola_text import ColaTextPipeline, ColaTextPipelineOutput
+from prior.pipelines.pipeline_cola_text import ColaTextPipeline, ColaTextPipelineOutput
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -49,7 +49,7 @@ def test_save_and_from_pretrained_round_trip(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["text_vae"] == ["unimodal.text_vae", "TextVAE"]
-    assert index["prior"] == ["prior.mmdit", "MMDiT"]
+    assert index["prior"] == ["prior.models.mmdit", "MMDiT"]
     loaded = ColaTextPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     prompts = ["the dog", "latent diffusion writes"]

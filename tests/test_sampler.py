@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from prior.mmdit import MMDiT
-from prior.sampler import (
+from prior.models.mmdit import MMDiT
+from prior.sampling.block_sampler import (
     FIRST_BLOCK_STRATEGIES,
     BlockSampler,
     SamplerConfig,

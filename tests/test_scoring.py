@@ -2,7 +2,7 @@
 
 import pytest
 
-from prior.scoring import (
+from prior.eval.scoring import (
     TaskScore,
     common_prefix,
     extract_choice_letter,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import IterableDataset
 
-from prior.trainer import (
+from prior.training.trainer import (
     EpochSampler,
     LossOutput,
     Trainer,
@@ -369,7 +369,7 @@ TORCHRUN_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 from test_trainer import ToyLM, lm_loss, make_data, config
-from prior.trainer import Trainer
+from prior.training.trainer import Trainer
 torch.manual_seed(0)
 trainer = Trainer(ToyLM(dropout=0.0), lm_loss, make_data(32), make_data(8, seed=1),
                   config({out!r}, batch_size=4, max_steps=4, save_every=2, eval_every=2))

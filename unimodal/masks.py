@@ -180,4 +180,6 @@ def two_l_mask(
         same_doc = doc[b, kv] == doc[b, q]
         return same_doc & (block_diagonal | offset_causal | clean_causal) & (valid[b, kv] | ~valid[b, q])
 
-    return AttentionMask(mask_mod, positions.shape[0], positions.shape[1], positions.shape[1], positions.device)
+    return AttentionMask(
+        mask_mod, positions.shape[0], positions.shape[1], positions.shape[1], positions.device
+    )

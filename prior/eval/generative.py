@@ -1,15 +1,15 @@
 """``unimodal eval``: the released 8-task generative benchmark and the offline embedded task set.
 
-Items come from :mod:`prior.eval_tasks` (released prompt templates, local jsonl / HF loaders, the
-embedded tasks), the scores from :mod:`prior.scoring` (the released ``acc_calc.py`` rules); this
-module generates the answers with a :class:`~prior.pipeline_cola_text.ColaTextPipeline`, prints the
+Items come from :mod:`prior.eval.tasks` (released prompt templates, local jsonl / HF loaders, the
+embedded tasks), the scores from :mod:`prior.eval.scoring` (the released ``acc_calc.py`` rules); this
+module generates the answers with a :class:`~prior.pipelines.pipeline_cola_text.ColaTextPipeline`, prints the
 per-task table and writes ``results.json`` + ``results.md`` (+ ``eval_config.json``).
 
 Design choices
 --------------
 * **One switch for the released protocol**: ``released=True`` runs the pipeline with
   ``released_compat=True`` and the released settings of spec §6 / §8
-  (:func:`prior.convert.released_generation_defaults`, i.e. ``SamplerConfig.released()``): 32 new
+  (:func:`prior.checkpoints.released.released_generation_defaults`, i.e. ``SamplerConfig.released()``): 32 new
   tokens, 16 Euler steps on the unshifted grid, CFG 7 (1 for a sample whose prefix is empty in
   the first block), greedy, repetition penalty 1.1 over earlier blocks; the prompt right-padded
   with the pad id to a block multiple and encoded with the pads, the first block's prompt tokens
@@ -52,8 +52,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from prior.convert import released_generation_defaults
-from prior.eval_tasks import (
+from prior.checkpoints.released import released_generation_defaults
+from prior.eval.scoring import PreprocessedTask, TaskScore, format_markdown_table, score_records, summarize
+from prior.eval.tasks import (
     EMBEDDED_TASKS,
     RELEASED_TASKS,
     EvalItem,
@@ -63,8 +64,7 @@ from prior.eval_tasks import (
     load_task_jsonl,
     write_results,
 )
-from prior.pipeline_cola_text import ColaTextPipeline
-from prior.scoring import PreprocessedTask, TaskScore, format_markdown_table, score_records, summarize
+from prior.pipelines.pipeline_cola_text import ColaTextPipeline
 
 RELEASED_NOISE_SEED = 66  # run_benchmark.sh: COLA_INFER_PER_SAMPLE_NOISE_SEED
 DEFAULT_EMBEDDED_ITEMS = 100
@@ -307,7 +307,7 @@ def evaluate_checkpoint(
 
     ``released=None`` means: the released protocol for released checkpoints, else our loop.
     """
-    from prior.convert import load_pipeline
+    from prior.checkpoints.released import load_pipeline
 
     names = parse_task_names(tasks)
     items = load_tasks(names, data_dir=data_dir, limit=limit, seed=seed)

@@ -2,7 +2,7 @@
 
 Stage 1 (``task: vae``) trains the Text VAE on reconstruction + KL + BERT losses; Stage 2
 (``task: cola``) trains the block-causal prior by flow matching jointly with the VAE
-(:mod:`prior.joint`), starting from a Stage-1 export (``stage1:``). A run folder looks like::
+(:mod:`prior.training.joint`), starting from a Stage-1 export (``stage1:``). A run folder looks like::
 
     runs/vae_tiny/
       config.yaml                      # the resolved RunConfig
@@ -26,11 +26,11 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from transformers import PreTrainedTokenizerFast
 
-from prior.joint import ColaModel, cola_loss_fn
-from prior.mmdit import MMDiT
-from prior.pipeline_cola_text import ColaTextPipeline
-from prior.run_config import RunConfig
-from prior.trainer import LossOutput, Trainer, TrainResult
+from prior.models.mmdit import MMDiT
+from prior.pipelines.pipeline_cola_text import ColaTextPipeline
+from prior.training.joint import ColaModel, cola_loss_fn
+from prior.training.run_config import RunConfig
+from prior.training.trainer import LossOutput, Trainer, TrainResult
 from unimodal.config import ConfigError, to_yaml
 from unimodal.text_data import build_text_datasets, load_documents
 from unimodal.text_vae import TextVAE
@@ -138,7 +138,9 @@ def build_cola_model(cfg: RunConfig, run_dir: Path) -> tuple[ColaModel, PreTrain
     prior_kwargs = dataclasses.asdict(cfg.prior)
     latent_dim = vae.config.latent_dim
     if prior_kwargs["in_channels"] != [latent_dim]:
-        raise ConfigError(f"prior.in_channels={prior_kwargs['in_channels']} but the VAE's latent_dim is {latent_dim}")
+        raise ConfigError(
+            f"prior.in_channels={prior_kwargs['in_channels']} but the VAE's latent_dim is {latent_dim}"
+        )
     if cfg.flow.block_size != cfg.prior.block_size:
         raise ConfigError(
             f"flow.block_size={cfg.flow.block_size} differs from prior.block_size={cfg.prior.block_size}"

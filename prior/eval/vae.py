@@ -1,19 +1,14 @@
-"""Evaluation: a Text VAE's reconstruction and robustness, and a text pipeline's samples.
+"""Evaluation of a Text VAE: reconstruction and robustness.
 
 ``evaluate_text_vae`` reports token reconstruction accuracy on held-out rows when decoding
 (a) the normalised posterior mode (the latent the prior is trained on and the sampler
 produces), (b) a posterior sample, and (c) the noisy latents ``z_t = (1 - t) z0 + t eps`` of the
 flow-matching path for each ``t`` in ``t_values``: the robustness curve of the paper's project
 page (about 1.0 at t=0, 0.96 at t=0.1, 0.92 at t=0.25). Everything runs in fp32 without autocast.
-
-``generation_report`` continues held-out prompts with a pipeline and prints the samples' quality
-figures (:mod:`prior.text_quality`) next to the same figures for the real continuations and for
-unigram word salad.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,7 +16,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from prior.text_quality import QualityFigures, TextQuality
 from unimodal.text_vae import TextVAE
 
 ROBUSTNESS_T = (0.0, 0.1, 0.25, 0.5, 0.75)
@@ -87,70 +81,4 @@ def evaluate_text_vae(
         accuracy_sample=correct["sample"] / total,
         robustness={t: correct[t] / total for t in t_values},
         num_tokens=total,
-    )
-
-
-@dataclass
-class GenerationReport:
-    """Samples of a text pipeline and their quality beside real held-out text and word salad."""
-
-    prompts: list[str]
-    samples: list[str]
-    references: list[str]
-    generated: QualityFigures
-    real: QualityFigures
-    unigram: QualityFigures
-    seconds: float
-
-    def format(self, show: int = 4) -> str:
-        lines = []
-        for prompt, sample in list(zip(self.prompts, self.samples))[:show]:
-            lines += [f"PROMPT: {prompt!r}", f"  -> {sample!r}"]
-        lines += [
-            "quality (higher in-vocab / distinct-2 / bigram logp is better):",
-            self.generated.row("generated continuations"),
-            self.real.row("held-out real continuations"),
-            self.unigram.row("unigram word salad"),
-            f"generation: {len(self.samples)} prompts in {self.seconds:.1f}s",
-        ]
-        return "\n".join(lines)
-
-
-@torch.no_grad()
-def generation_report(
-    pipe,
-    train_texts: Sequence[str],
-    val_texts: Sequence[str],
-    num_prompts: int = 16,
-    prompt_tokens: int = 16,
-    new_tokens: int = 48,
-    seed: int = 0,
-    **generate_kwargs,
-) -> GenerationReport:
-    """Continue held-out prompts with ``pipe`` and score the continuations (see :mod:`prior.text_quality`)."""
-    tok = pipe.tokenizer
-    prompts, references = [], []
-    for text in val_texts:
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        if len(ids) >= prompt_tokens + new_tokens:
-            prompts.append(tok.decode(ids[:prompt_tokens]))
-            references.append(tok.decode(ids[prompt_tokens : prompt_tokens + new_tokens]))
-        if len(prompts) == num_prompts:
-            break
-    if not prompts:
-        raise ValueError(f"no held-out document has {prompt_tokens + new_tokens} tokens")
-    start = time.perf_counter()
-    out = pipe(
-        prompts, max_new_tokens=new_tokens, generator=torch.Generator().manual_seed(seed), **generate_kwargs
-    )
-    seconds = time.perf_counter() - start
-    quality = TextQuality(train_texts, tok)
-    return GenerationReport(
-        prompts=prompts,
-        samples=out.texts,
-        references=references,
-        generated=quality.figures(out.texts),
-        real=quality.figures(references),
-        unigram=quality.figures(quality.unigram_texts(len(prompts), new_tokens, seed=seed)),
-        seconds=seconds,
     )

@@ -1,8 +1,8 @@
 """A diffusers pipeline for text generation with Cola DLM: prompt in, continuation out.
 
-Components: ``text_vae`` (:class:`~unimodal.text_vae.TextVAE`), ``prior`` (:class:`~prior.mmdit.MMDiT`),
+Components: ``text_vae`` (:class:`~unimodal.text_vae.TextVAE`), ``prior`` (:class:`~prior.models.mmdit.MMDiT`),
 ``scheduler`` (``FlowMatchEulerDiscreteScheduler``) and ``tokenizer`` (a ``transformers`` fast
-tokenizer). The block loop itself lives in :class:`~prior.sampler.BlockSampler`; the pipeline
+tokenizer). The block loop itself lives in :class:`~prior.sampling.block_sampler.BlockSampler`; the pipeline
 tokenizes, configures it, shows progress, calls the step callback and detokenizes. Stages, as in
 diffusers' SD3 pipeline: 1. check inputs, 2. encode the prompt, 3. timesteps, 4. latents (noise),
 5. the block loop, 6. decode.
@@ -10,7 +10,7 @@ diffusers' SD3 pipeline: 1. check inputs, 2. encode the prompt, 3. timesteps, 4.
 Design choices
 --------------
 * ``save_pretrained`` / ``from_pretrained`` are diffusers': ``model_index.json`` names each
-  component by its module (``unimodal.text_vae.TextVAE``, ``prior.mmdit.MMDiT``), so a saved
+  component by its module (``unimodal.text_vae.TextVAE``, ``prior.models.mmdit.MMDiT``), so a saved
   pipeline reloads with nothing registered by hand.
 * Prompts are tokenized with the tokenizer's defaults (``add_special_tokens=True``, as the released
   ``Tokenizer.encode(text).ids``). Stop ids default to EOS plus ``<|im_end|>`` when the tokenizer
@@ -31,8 +31,8 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 
-from prior.mmdit import MMDiT
-from prior.sampler import BlockOutput, BlockSampler, NoiseSource, SamplerConfig, StepState
+from prior.models.mmdit import MMDiT
+from prior.sampling.block_sampler import BlockOutput, BlockSampler, NoiseSource, SamplerConfig, StepState
 from unimodal.text_vae import TextVAE
 from unimodal.tokenization import IM_END_TOKEN
 
@@ -178,7 +178,7 @@ class ColaTextPipeline(DiffusionPipeline):
         with ``generator``. ``callback_on_step_end(pipe, step, timestep, kwargs) -> dict`` is called
         after every Euler step (``step`` counts over blocks); a returned ``"latents"`` replaces the
         block's latents. ``shift`` defaults to the scheduler's. ``released_compat`` runs the released
-        inference loop (see :mod:`prior.sampler`); ``repetition_penalty`` defaults to the released
+        inference loop (see :mod:`prior.sampling.block_sampler`); ``repetition_penalty`` defaults to the released
         1.1 there and to 1.0 (off) otherwise. Returns texts (``output_type="text"``), ids only
         (``"ids"``) or the block latents (``"latents"``).
         """

@@ -1,4 +1,4 @@
-"""Released Cola DLM checkpoints -> :class:`~prior.pipeline_cola_text.ColaTextPipeline` (spec §1, §2, §4).
+"""Released Cola DLM checkpoints -> :class:`~prior.pipelines.pipeline_cola_text.ColaTextPipeline` (spec §1, §2, §4).
 
 The released model (``ByteDance-Seed/Cola-DLM`` on the HF hub) is laid out as::
 
@@ -17,7 +17,7 @@ Design choices
 * **Strict, one-line errors.** Every weight the model needs must be present with the model's
   shape; nothing else may be present (the DiT's RoPE ``freqs`` buffers are the one exception: they
   are checked against the recomputed frequencies and dropped by
-  :func:`~prior.mmdit.convert_released_dit_state_dict`). Messages name the released key and the
+  :func:`~prior.models.mmdit.convert_released_dit_state_dict`). Messages name the released key and the
   file. A shard index that names a key its shard does not hold, a shard file that is missing, a
   folder without ``cola_vae/`` and a tokenizer whose vocabulary is not the VAE's ``vocab_size``
   all fail before anything is built.
@@ -54,9 +54,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors import safe_open
 
-from prior.mmdit import MMDiT, convert_released_dit_state_dict
-from prior.pipeline_cola_text import ColaTextPipeline
-from prior.sampler import SamplerConfig
+from prior.models.mmdit import MMDiT, convert_released_dit_state_dict
+from prior.pipelines.pipeline_cola_text import ColaTextPipeline
+from prior.sampling.block_sampler import SamplerConfig
 from unimodal.text_vae import TextVAE
 from unimodal.tokenization import IM_END_TOKEN, load_tokenizer, model_vocab_size
 
@@ -402,7 +402,7 @@ def read_release_record(path: str | os.PathLike) -> dict | None:
 
 def resolve_pipeline_folder(path: str | os.PathLike) -> Path:
     """A pipeline folder (``model_index.json``) or a Stage-2 run folder's newest checkpoint export."""
-    from prior.recipes import resolve_export
+    from prior.training.recipes import resolve_export
 
     path = Path(path).expanduser()
     if (path / "model_index.json").is_file():

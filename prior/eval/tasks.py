@@ -2,13 +2,13 @@
 
 Eight released tasks (lambada, squad, obqa, mmlu, siqa, hellaswag, race, story_cloze) plus two
 EMBEDDED tasks built from held-out embedded-corpus text so that evaluation runs offline
-(``next_word``, ``continuation``). Scoring lives in ``prior.scoring``.
+(``next_word``, ``continuation``). Scoring lives in ``prior.eval.scoring``.
 
 Design choices
 --------------
 - **Items** (``EvalItem``): ``prompt`` is the fully rendered prompt the model continues;
   ``ground_truth`` is the answer TEXT (for choice tasks, the text of the correct option, so the
-  letter rule and the exact-match fallback of ``prior.scoring`` both see option text);
+  letter rule and the exact-match fallback of ``prior.eval.scoring`` both see option text);
   ``question`` / ``context`` keep the raw fields for the results file.
 - **Templates** (``apply_prompt_template``), as in the released ``apply_prompt_template``:
   lambada / next_word / unknown tasks = the raw question; squad = one solved example, a blank line,
@@ -57,7 +57,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
-from prior.scoring import (
+from prior.eval.scoring import (
     PreprocessedTask,
     TaskScore,
     choice_letters,

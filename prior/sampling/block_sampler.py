@@ -240,7 +240,7 @@ def sample_tokens(
 class BlockSampler:
     """KV-cached block-wise sampler over a Text VAE, a block-causal prior and a flow-match scheduler.
 
-    vae: :class:`~unimodal.text_vae.TextVAE`; prior: :class:`~prior.mmdit.MMDiT` (one modality);
+    vae: :class:`~unimodal.text_vae.TextVAE`; prior: :class:`~prior.models.mmdit.MMDiT` (one modality);
     scheduler: diffusers ``FlowMatchEulerDiscreteScheduler`` (its ``shift`` is set from the config).
     """
 

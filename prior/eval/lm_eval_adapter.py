@@ -1,19 +1,19 @@
 """lm-evaluation-harness adapter: Cola DLM as the lm_eval model ``cola``.
 
-    python -m prior.lm_eval_adapter --model cola --model_args pretrained=PATH[,key=value...] --tasks T
+    python -m prior.eval.lm_eval_adapter --model cola --model_args pretrained=PATH[,key=value...] --tasks T
 
 ``PATH`` is a pipeline folder, a Stage-2 run folder or a released checkpoint folder
-(:func:`prior.convert.load_pipeline`). lm_eval finds models in its registry only, so the module
+(:func:`prior.checkpoints.released.load_pipeline`). lm_eval finds models in its registry only, so the module
 that calls ``register_model`` must be imported before the harness runs: ``python -m
-prior.lm_eval_adapter ...`` does that and then hands over to lm_eval's own command line (every
+prior.eval.lm_eval_adapter ...`` does that and then hands over to lm_eval's own command line (every
 lm_eval flag works, e.g. ``--include_path`` for local tasks); from Python, ``import
-prior.lm_eval_adapter`` and call ``lm_eval.simple_evaluate(model="cola", ...)``.
+prior.eval.lm_eval_adapter`` and call ``lm_eval.simple_evaluate(model="cola", ...)``.
 
 Requests
 --------
 * ``generate_until`` runs the pipeline, batched (``batch_size`` contexts per call, grouped by
   their generation kwargs), with the released generation preset by default (``released=True``:
-  :func:`prior.generative_eval.generation_kwargs`; CFG 7, 16 steps, penalty 1.1, greedy) and the
+  :func:`prior.eval.generative.generation_kwargs`; CFG 7, 16 steps, penalty 1.1, greedy) and the
   released per-sample noise (seed ``seed``, key ``crc32(context)``). ``max_gen_toks`` (request,
   else model arg) sets ``max_new_tokens``; the text is cut at the first ``until`` string (EOS and
   ``<|im_end|>`` as text are always stop strings, since the released decoding keeps special
@@ -55,9 +55,9 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from prior.generative_eval import RELEASED_NOISE_SEED, generate_texts, generation_kwargs, pipeline_device
-from prior.pipeline_cola_text import ColaTextPipeline
-from prior.sampler import BlockSampler, StepState
+from prior.eval.generative import RELEASED_NOISE_SEED, generate_texts, generation_kwargs, pipeline_device
+from prior.pipelines.pipeline_cola_text import ColaTextPipeline
+from prior.sampling.block_sampler import BlockSampler, StepState
 from unimodal.tokenization import IM_END_TOKEN
 
 LOGLIKELIHOOD_MODES = ("predictive", "reconstruction")
@@ -286,7 +286,7 @@ class ColaLM(LM):
         if isinstance(pretrained, ColaTextPipeline):
             pipe = pretrained
         else:
-            from prior.convert import load_pipeline
+            from prior.checkpoints.released import load_pipeline
 
             pipe = load_pipeline(str(pretrained))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -437,8 +437,8 @@ __all__ = [
     "text_key",
 ]
 
-if __name__ == "__main__":  # `python -m prior.lm_eval_adapter`: register from the importable module
-    from prior.lm_eval_adapter import main as _main
+if __name__ == "__main__":  # `python -m prior.eval.lm_eval_adapter`: register from the importable module
+    from prior.eval.lm_eval_adapter import main as _main
 
     _main()
 else:

@@ -6,7 +6,7 @@ A run YAML has one section per module, each validated against that module's own 
     data: ...            # unimodal.text_data.DataConfig
     tokenizer: ...       # unimodal.tokenization.TokenizerConfig
     vae: ...             # unimodal.text_vae.TextVAE.__init__ (its diffusers config)
-    train: ...           # prior.trainer.TrainerConfig
+    train: ...           # prior.training.trainer.TrainerConfig
 
 Stage-2 runs add ``stage1`` (the Stage-1 run or export to start from), ``prior`` (MMDiT),
 ``flow`` (flow matching), ``joint`` (the joint-training mode) and ``sampler`` (samples printed at
@@ -19,11 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prior.flow_matching import FlowMatchingConfig
-from prior.joint import JointConfig
-from prior.mmdit import MMDiT
-from prior.sampler import SamplerConfig
-from prior.trainer import TrainerConfig
+from prior.models.mmdit import MMDiT
+from prior.sampling.block_sampler import SamplerConfig
+from prior.training.flow_matching import FlowMatchingConfig
+from prior.training.joint import JointConfig
+from prior.training.trainer import TrainerConfig
 from unimodal.config import ConfigError, load_config, schema_from_signature
 from unimodal.text_data import DataConfig
 from unimodal.text_vae import TextVAE

@@ -59,8 +59,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from prior.flow_matching import FlowMatchingConfig, flow_matching_loss
-from prior.trainer import LossOutput
+from prior.training.flow_matching import FlowMatchingConfig, flow_matching_loss
+from prior.training.trainer import LossOutput
 from unimodal.text_vae import TextVAE, TextVAEEncoderOutput
 
 MODES = ("joint", "fixed_vae", "scratch", "interval")
