@@ -37,8 +37,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_vae(args: argparse.Namespace) -> None:
+    from prior.checkpoints.run_folders import resolve_export
     from prior.eval.vae import evaluate_text_vae
-    from prior.training.recipes import resolve_export
     from prior.training.run_config import RunConfig, load_run_config
     from unimodal.text_data import build_text_datasets
     from unimodal.text_vae import TextVAE
@@ -100,8 +100,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
+    from prior.checkpoints.run_folders import resolve_export
     from prior.eval.vae import evaluate_text_vae
-    from prior.training.recipes import resolve_export, train_cola, train_text_vae
+    from prior.training.recipes import train_cola, train_text_vae
     from prior.training.run_config import load_run_config
     from unimodal.text_data import build_text_datasets
     from unimodal.tokenization import load_tokenizer

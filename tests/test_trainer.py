@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import IterableDataset
 
+from prior.checkpoints.run_folders import list_checkpoints
 from prior.training.trainer import (
     EpochSampler,
     LossOutput,
     Trainer,
     TrainerConfig,
     check_checkpoint,
-    list_checkpoints,
     param_groups,
     warmup_cosine,
 )

@@ -54,6 +54,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors import safe_open
 
+from prior.checkpoints.run_folders import resolve_pipeline_folder
 from prior.models.mmdit import MMDiT, convert_released_dit_state_dict
 from prior.pipelines.pipeline_cola_text import ColaTextPipeline
 from prior.sampling.block_sampler import SamplerConfig
@@ -398,16 +399,6 @@ def read_release_record(path: str | os.PathLike) -> dict | None:
     """The ``cola_release.json`` of a converted pipeline folder, or None."""
     record = Path(path) / RELEASE_RECORD
     return json.loads(record.read_text()) if record.is_file() else None
-
-
-def resolve_pipeline_folder(path: str | os.PathLike) -> Path:
-    """A pipeline folder (``model_index.json``) or a Stage-2 run folder's newest checkpoint export."""
-    from prior.training.recipes import resolve_export
-
-    path = Path(path).expanduser()
-    if (path / "model_index.json").is_file():
-        return path
-    return resolve_export(path, "prior")
 
 
 def load_pipeline(path: str | os.PathLike, **released_kwargs) -> ColaTextPipeline:

@@ -2,30 +2,19 @@
 
 Stage 1 (``task: vae``) trains the Text VAE on reconstruction + KL + BERT losses; Stage 2
 (``task: cola``) trains the block-causal prior by flow matching jointly with the VAE
-(:mod:`prior.training.joint`), starting from a Stage-1 export (``stage1:``). A run folder looks like::
-
-    runs/vae_tiny/
-      config.yaml                      # the resolved RunConfig
-      tokenizer/                       # save_pretrained of the (trained or loaded) tokenizer
-      checkpoints/step_0001500/        # accelerate state + trainer_state.json + model/
-        model/{text_vae,tokenizer}/    # a loadable export of that step (Stage 2: a whole
-                                       #   ColaTextPipeline folder: text_vae, prior, scheduler, ...)
-      logs/                            # tensorboard
-
-``resolve_export(path)`` turns a run folder (its newest checkpoint) or an export folder into the
-folder that holds ``text_vae/`` and ``tokenizer/``.
+(:mod:`prior.training.joint`), starting from a Stage-1 export (``stage1:``). The run folder it writes is described in :mod:`prior.checkpoints.run_folders`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from transformers import PreTrainedTokenizerFast
 
+from prior.checkpoints.run_folders import resolve_export
 from prior.models.mmdit import MMDiT
 from prior.pipelines.pipeline_cola_text import ColaTextPipeline
 from prior.training.joint import ColaModel, cola_loss_fn
@@ -176,20 +165,3 @@ def train_cola(cfg: RunConfig) -> TrainResult:
 
 
 TRAINERS = {"vae": train_text_vae, "cola": train_cola}
-
-
-def resolve_export(path: str | os.PathLike, component: str = "text_vae") -> Path:
-    """The folder holding ``component/`` and ``tokenizer/``: ``path`` itself, or a run folder's newest
-    checkpoint export (``checkpoints/step_*/model``)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if (path / component).is_dir():
-        return path
-    if (path / "model" / component).is_dir():
-        return path / "model"
-    steps = sorted((path / "checkpoints").glob("step_*")) if (path / "checkpoints").is_dir() else []
-    steps = [s for s in steps if (s / "model" / component).is_dir()]
-    if not steps:
-        raise FileNotFoundError(f"no {component}/ export found in {path} (nor in its checkpoints/)")
-    return steps[-1] / "model"

@@ -40,7 +40,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -64,11 +63,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 from tqdm import tqdm
 
+from prior.checkpoints.run_folders import checkpoint_name, list_checkpoints
 from unimodal.config import ConfigError
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 STATE_FILE = "trainer_state.json"
-_CKPT_RE = re.compile(r"step_(\d{7,})")
 
 
 # ----------------------------------------------------------------------------- config and outputs
@@ -231,15 +230,6 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self.offset)
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints under ``output_dir/checkpoints``, oldest first."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _CKPT_RE.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def check_checkpoint(path: str | Path, process_index: int = 0, num_processes: int = 1) -> dict:
@@ -484,7 +474,7 @@ class Trainer:
         train_metrics: dict[str, float] = {}
         val_metrics: dict[str, float] = {}
         last_eval, checkpoint, stop_reason = None, None, "max_steps"
-        saved = self.output_dir / "checkpoints" / f"step_{self.step:07d}"
+        saved = self.output_dir / "checkpoints" / checkpoint_name(self.step)
         last_save = self.step if saved.is_dir() else None  # resumed from this very step
         stream = self._micro_batches()
         bar = tqdm(
@@ -615,7 +605,7 @@ class Trainer:
         acc = self.accelerator
         self._flush_tokens()
         root = self.output_dir / "checkpoints"
-        final, tmp = root / f"step_{self.step:07d}", root / f".tmp-step_{self.step:07d}"
+        final, tmp = root / checkpoint_name(self.step), root / f".tmp-{checkpoint_name(self.step)}"
         if acc.is_main_process:
             if tmp.exists():  # left by a crashed save
                 shutil.rmtree(tmp)
@@ -637,7 +627,7 @@ class Trainer:
             }
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
             if final.exists():  # a re-run of this step (resumed from an older checkpoint)
-                old = root / f".old-step_{self.step:07d}"
+                old = root / f".old-{checkpoint_name(self.step)}"
                 os.replace(final, old)
                 os.replace(tmp, final)
                 shutil.rmtree(old)
