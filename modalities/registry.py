@@ -1,4 +1,4 @@
-"""The modality registry: named adapters between data and latent token sequences (DESIGN §5).
+"""The modality registry: named adapters between data and latent token sequences (docs/design.md §5).
 
 Design choices
 --------------

@@ -14,7 +14,9 @@ CHECKPOINT is a run folder (its newest checkpoint is used) or an export folder h
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
 from pathlib import Path
 
 from unimodal.config import ConfigError
@@ -32,8 +34,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from prior.training.run_config import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
-    result = TRAINERS[cfg.task](cfg)
-    print(result.format() if hasattr(result, "format") else result)
+    print(TRAINERS[cfg.task](cfg).format())
 
 
 def cmd_eval_vae(args: argparse.Namespace) -> None:
@@ -63,30 +64,68 @@ def load_pipeline(path: str | Path):
     return load(path)
 
 
-def _generate_kwargs(args: argparse.Namespace) -> dict:
-    if getattr(args, "released", False):  # the released protocol; flags given explicitly override it
-        from prior.eval.generative import generation_kwargs
+# ----------------------------------------------------------------------------- generation flags
 
-        return generation_kwargs(released=True, max_new_tokens=args.max_new_tokens)
-    return dict(
-        max_new_tokens=args.max_new_tokens,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        first_block=args.first_block,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
+_FLAG_ALIASES = {"num_inference_steps": ("--steps",)}
+_FLAG_HELP = {
+    "num_inference_steps": "Euler steps per block",
+    "guidance_scale": "CFG weight (1 = off)",
+    "temperature": "0 = greedy",
+    "shift": "time shift of the grid (default: the scheduler's)",
+    "stop_token_ids": "ids that end a sample (default: EOS, <|im_end|>)",
+}
+
+
+def add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`GenerationConfig` field (``--max-new-tokens``, ``--stop-token-ids 1 2``,
+    ``--whole-blocks/--no-whole-blocks``, ...). Unset flags leave the base config's value."""
+    from prior.sampling.config import FIRST_BLOCK_STRATEGIES, STOP_RULES, GenerationConfig
+
+    group = parser.add_argument_group(
+        "generation settings (GenerationConfig fields; default: the checkpoint's)"
     )
+    hints = typing.get_type_hints(GenerationConfig)
+    choices = {"first_block": FIRST_BLOCK_STRATEGIES, "stop_rule": STOP_RULES}
+    for f in dataclasses.fields(GenerationConfig):
+        names = ("--" + f.name.replace("_", "-"), *_FLAG_ALIASES.get(f.name, ()))
+        kinds = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
+        kind, help_text = kinds[0], _FLAG_HELP.get(f.name)
+        if kind is bool:
+            group.add_argument(
+                *names, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        elif typing.get_origin(kind) is list:
+            group.add_argument(*names, dest=f.name, type=int, nargs="+", default=None, help=help_text)
+        else:
+            group.add_argument(
+                *names, dest=f.name, type=kind, choices=choices.get(f.name), default=None, help=help_text
+            )
+
+
+def generation_overrides(args: argparse.Namespace) -> dict:
+    """The generation fields given on the command line."""
+    from prior.sampling.config import GenerationConfig
+
+    names = [f.name for f in dataclasses.fields(GenerationConfig)]
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _generation_config(pipe, args: argparse.Namespace):
+    """The pipeline's generation config (the released preset with ``--released``) + the flags."""
+    from prior.sampling.config import GenerationConfig
+
+    base = GenerationConfig.released() if getattr(args, "released", False) else pipe.generation_config
+    return base.replace(**generation_overrides(args))
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
     pipe = load_pipeline(args.checkpoint)
+    config = _generation_config(pipe, args)
     generator = torch.Generator().manual_seed(args.seed)
     if args.stream:
-        for chunk in pipe.stream(args.prompt, generator=generator, **_generate_kwargs(args)):
+        for chunk in pipe.stream(args.prompt, config, generator=generator):
             print(
                 chunk.texts[0] if len(args.prompt) == 1 else chunk.texts,
                 end="" if len(args.prompt) == 1 else "\n",
@@ -94,7 +133,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             sys.stdout.flush()
         print()
         return
-    out = pipe(args.prompt, generator=generator, **_generate_kwargs(args))
+    out = pipe(args.prompt, config, generator=generator)
     for prompt, text in zip(args.prompt, out.texts):
         print(f"{prompt}\u2502{text}")
 
@@ -141,30 +180,24 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     train_cola(cola_cfg)
 
     print("== Samples ==")
-    s = cola_cfg.sampler
-    print(_samples_report(out / "cola", cola_cfg, args.num_prompts, args.show, _sampler_kwargs(s)))
+    print(_samples_report(out / "cola", cola_cfg, args.num_prompts, args.show))
 
 
-def _sampler_kwargs(s) -> dict:
-    """Pipeline keyword arguments from a SamplerConfig (the run's ``sampler:`` section)."""
-    names = ("num_inference_steps", "guidance_scale", "first_block", "temperature", "top_k", "top_p")
-    return {
-        "new_tokens": s.max_new_tokens,
-        "repetition_penalty": s.repetition_penalty,
-        **{n: getattr(s, n) for n in names},
-    }
-
-
-def _samples_report(checkpoint, cfg, num_prompts: int, show: int, kwargs: dict) -> str:
+def _samples_report(
+    checkpoint, cfg, num_prompts: int, show: int, args: argparse.Namespace | None = None
+) -> str:
+    """Samples of held-out prompts with the checkpoint's generation config (+ the flags in ``args``)."""
     from prior.eval.samples import generation_report
     from unimodal.text_data import load_documents
 
     pipe = load_pipeline(checkpoint)
     pipe.set_progress_bar_config(disable=True)
+    config = pipe.generation_config if args is None else _generation_config(pipe, args)
     train_texts, val_texts = load_documents(cfg.data)
-    return generation_report(pipe, train_texts, val_texts, num_prompts=num_prompts, **kwargs).format(
-        show=show
+    report = generation_report(
+        pipe, train_texts, val_texts, num_prompts=num_prompts, generation_config=config
     )
+    return report.format(show=show)
 
 
 def cmd_eval_samples(args: argparse.Namespace) -> None:
@@ -172,21 +205,7 @@ def cmd_eval_samples(args: argparse.Namespace) -> None:
 
     run_yaml = args.config or _find_run_config(Path(args.checkpoint))
     cfg = load_run_config(run_yaml) if run_yaml else RunConfig()
-    kwargs = _generate_kwargs(args)
-    kwargs["new_tokens"] = kwargs.pop("max_new_tokens")
-    print(_samples_report(args.checkpoint, cfg, args.num_prompts, args.show, kwargs))
-
-
-def _add_generation_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--steps", type=int, default=16, help="Euler steps per block (num_inference_steps)")
-    p.add_argument("--guidance-scale", type=float, default=3.0)
-    p.add_argument("--first-block", default="clean_repaint")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    print(_samples_report(args.checkpoint, cfg, args.num_prompts, args.show, args))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -212,9 +231,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, out_dir=args.out, released=args.released, device=args.device,
         dtype={"float32": None, "bfloat16": torch.bfloat16}[args.dtype],
         noise_seed=None if args.noise_seed < 0 else args.noise_seed, seed=args.seed, num_shards=args.shards,
-        max_new_tokens=args.max_new_tokens, num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        **generation_overrides(args),
     )  # fmt: skip
     mode = "released protocol" if report.settings["released"] else "our sampling loop"
     print(f"{args.checkpoint}: {sum(report.settings['num_items'].values())} items, {mode}")
@@ -246,13 +263,7 @@ def _add_convert_and_eval_parsers(sub) -> None:
         "--released", action=argparse.BooleanOptionalAction, default=None,
         help="released generation loop (default: on for released / converted checkpoints)",
     )  # fmt: skip
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--steps", type=int, default=16, help="Euler steps per block")
-    p.add_argument("--guidance-scale", type=float, default=7.0)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    add_generation_flags(p)  # default: the released numbers (GenerationConfig.released())
     p.add_argument("--noise-seed", type=int, default=66, help="per-item noise seed (released: 66); -1 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -282,9 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch; '' = unconditional")
     p.add_argument("--stream", action="store_true", help="print text block by block")
     p.add_argument(
-        "--released", action="store_true", help="the released inference protocol (prior.eval.generative)"
+        "--released", action="store_true", help="start from the released preset (GenerationConfig.released())"
     )
-    _add_generation_flags(p)
+    p.add_argument("--seed", type=int, default=0)
+    add_generation_flags(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser(
@@ -294,7 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="run YAML for the data section (default: the run's own)")
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--show", type=int, default=6, help="samples to print")
-    _add_generation_flags(p)
+    p.add_argument(
+        "--released", action="store_true", help="start from the released preset (GenerationConfig.released())"
+    )
+    add_generation_flags(p)
     p.set_defaults(func=cmd_eval_samples)
 
     p = sub.add_parser("quickstart", help="tiny Stage 1 + Stage 2 on the embedded corpus, then samples")

@@ -1,6 +1,6 @@
 """Does the prior use its history? Flow loss per t, with and without context, against the baseline.
 
-DESIGN §8's diagnostic for a Stage-2 run: on held-out rows, every block is noised to the same
+The toy-scale diagnostic of docs/design.md §8 for a Stage-2 run: on held-out rows, every block is noised to the same
 ``t`` and the prior's velocity MSE is measured twice with identical noise, once with the clean
 history of earlier blocks and once with each block alone (the CFG unconditional branch), next to
 the Gaussian baseline (the best predictor that knows only the latents' per-channel variance).

@@ -22,15 +22,14 @@ from prior.checkpoints.released import (
     read_safetensors_folder,
 )
 from prior.cli import main as cli_main
-from prior.eval.generative import generation_kwargs
+from prior.eval.generative import generation_config
 from prior.pipelines.pipeline_cola_text import ColaTextPipeline
 from prior.sampling.block_sampler import BlockSampler
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared/reference/golden/A"
-pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden folder not found: {GOLDEN}")
+GOLDEN = Path(__file__).resolve().parent / "data/golden/A"
 
 EOS, PAD = 199, 299  # generate_e2e.json settings
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
@@ -98,21 +97,15 @@ def test_converted_pipeline_reproduces_golden_generation(converted, name):
     stops = [i for i in (s["eos_token_id"], s["im_end_token_id"]) if i is not None]
     overrides = {} if s["im_end_token_id"] is None else {"stop_token_ids": stops}
     assert overrides or pipe.stop_token_ids() == stops
-    # the pipeline's released preset (generation_kwargs) with the json's numbers
-    config = pipe.sampler_config(
-        **{
-            **generation_kwargs(
-                released=True,
-                num_inference_steps=s["timestep_num"],
-                guidance_scale=s["guidance_scale"],
-                max_new_tokens=s["max_new_tokens"],
-            ),
-            **overrides,
-        }
-    )
-    assert config.released_compat and config.repetition_penalty == s["repetition_penalty"]
+    # the converted pipeline's own generation config is the released preset; the json's numbers on top
+    assert pipe.generation_config == generation_config(released=True)
+    config = pipe.resolve_generation_config(
+        num_inference_steps=s["timestep_num"], guidance_scale=s["guidance_scale"],
+        max_new_tokens=s["max_new_tokens"], **overrides,
+    )  # fmt: skip
+    assert config.stop_rule == "released" and config.repetition_penalty == s["repetition_penalty"]
     noise = [ref[f"block{k}_noise"] for k in range(1, meta["num_blocks_generated"] + 1)]
-    out = BlockSampler(pipe.text_vae, pipe.prior, pipe.scheduler, config).sample(
+    out = BlockSampler(pipe.text_modality, pipe.prior, pipe.scheduler, config).sample(
         meta["prompt_ids"], noise=noise
     )
     assert out.token_ids == meta["generated_ids_trimmed"]

@@ -10,17 +10,15 @@ import pytest
 from prior.eval.scoring import normalize_text, score_records, score_task
 from prior.eval.tasks import (
     EMBEDDED_TASKS,
-    FEW_SHOT_EXAMPLES,
     HF_SOURCES,
-    PROMPT_TEMPLATES,
     RELEASED_TASKS,
-    apply_prompt_template,
     embedded_tasks,
     load_task_hf,
     load_task_jsonl,
     make_item,
     write_results,
 )
+from prior.eval.templates import FEW_SHOT_EXAMPLES, PROMPT_TEMPLATES, apply_prompt_template
 
 DATA = Path(__file__).parent / "data" / "eval_tasks"
 

@@ -61,8 +61,8 @@ class _LinearPrior(nn.Module):
 
 def test_2l_batch_layout():
     z0, valid = _latents()
-    cfg = FlowMatchingConfig(block_size=BS, prompt_block_prob=0.0)
-    b = build_2l_batch(z0, valid, cfg, torch.Generator().manual_seed(1))
+    cfg = FlowMatchingConfig(prompt_block_prob=0.0)
+    b = build_2l_batch(z0, valid, BS, cfg, torch.Generator().manual_seed(1))
     assert b.x.shape == (B, 2 * N, D) and b.timestep.shape == b.positions.shape == b.valid.shape == (B, 2 * N)
     assert b.target.shape == (B, N, D) and b.loss_mask.shape == b.t.shape == (B, N)
     assert torch.equal(b.x[:, :N], z0)  # clean copy first
@@ -83,8 +83,8 @@ def test_2l_batch_layout():
 
 def test_2l_mask_rules():
     z0, valid = _latents()
-    cfg = FlowMatchingConfig(block_size=BS, prompt_block_prob=0.0)
-    b = build_2l_batch(z0, valid, cfg, torch.Generator().manual_seed(1))
+    cfg = FlowMatchingConfig(prompt_block_prob=0.0)
+    b = build_2l_batch(z0, valid, BS, cfg, torch.Generator().manual_seed(1))
     m = b.attn_mask.dense()[:, 0]  # (B, 2N, 2N)
     blk = torch.arange(N) // BS
     real = valid[0]  # row 0 is fully valid
@@ -103,10 +103,10 @@ def test_2l_mask_rules():
 
 def test_prompt_pieces_are_clean_with_zero_loss():
     z0, valid = _latents()
-    cfg = FlowMatchingConfig(block_size=BS, prompt_block_prob=1.0)
+    cfg = FlowMatchingConfig(prompt_block_prob=1.0)
     splits = set()
     for seed in range(20):
-        b = build_2l_batch(z0, valid, cfg, torch.Generator().manual_seed(seed))
+        b = build_2l_batch(z0, valid, BS, cfg, torch.Generator().manual_seed(seed))
         p = b.prompt
         assert torch.all(b.t[p] == 0) and torch.all(b.timestep[:, N:][p] == 0)
         assert torch.equal(b.x[:, N:][p], z0[p])  # clean latents inside the noisy copy
@@ -122,14 +122,14 @@ def test_prompt_pieces_are_clean_with_zero_loss():
                     assert 1 <= k <= n_valid - 1 and piece[:k].all()
                     splits.add((n_valid, k))
     assert {(4, 1), (4, 2), (4, 3)} <= splits  # the split point covers [1, len-1]
-    none = build_2l_batch(z0, valid, FlowMatchingConfig(block_size=BS, prompt_block_prob=0.0))
+    none = build_2l_batch(z0, valid, BS, FlowMatchingConfig(prompt_block_prob=0.0))
     assert not none.prompt.any()
 
 
 def test_p_uncond_rows_see_no_clean_context():
     z0, valid = _latents()
-    cond = build_2l_batch(z0, valid, FlowMatchingConfig(block_size=BS, prompt_block_prob=0, p_uncond=0.0))
-    unc = build_2l_batch(z0, valid, FlowMatchingConfig(block_size=BS, prompt_block_prob=0, p_uncond=1.0))
+    cond = build_2l_batch(z0, valid, BS, FlowMatchingConfig(prompt_block_prob=0, p_uncond=0.0))
+    unc = build_2l_batch(z0, valid, BS, FlowMatchingConfig(prompt_block_prob=0, p_uncond=1.0))
     assert unc.uncond.all() and not cond.uncond.any()
     mc, mu = cond.attn_mask.dense()[:, 0], unc.attn_mask.dense()[:, 0]
     assert not mu[:, N:, :N].any()  # noisy queries: no clean keys
@@ -137,7 +137,7 @@ def test_p_uncond_rows_see_no_clean_context():
     assert torch.equal(mu[:, :N], mc[:, :N])  # clean rows unchanged
     assert torch.equal(mc, two_l_mask(cond.positions, cond.noisy, BS, cond.valid).dense()[:, 0])
     mixed = build_2l_batch(
-        z0, valid, FlowMatchingConfig(block_size=BS), uncond=torch.tensor([True, False, True])
+        z0, valid, BS, FlowMatchingConfig(), uncond=torch.tensor([True, False, True])
     )
     m = mixed.attn_mask.dense()[:, 0]
     assert not m[0, N:, :N].any() and m[1, N:, :N].any()
@@ -151,10 +151,10 @@ def test_2l_forward_matches_sampler_views():
     z0, valid = z0[:1, :8], torch.ones(1, 8, dtype=torch.bool)  # two full blocks
     t = torch.tensor([[0.3] * 4 + [0.8] * 4])
     eps = torch.randn(1, 8, D, generator=torch.Generator().manual_seed(3))
-    cfg = FlowMatchingConfig(block_size=BS, prompt_block_prob=0.0)
+    cfg = FlowMatchingConfig(prompt_block_prob=0.0)
     with torch.no_grad():
         for uncond in (False, True):
-            b = build_2l_batch(z0, valid, cfg, t=t, eps=eps, uncond=torch.tensor([uncond]))
+            b = build_2l_batch(z0, valid, BS, cfg, t=t, eps=eps, uncond=torch.tensor([uncond]))
             v = prior(b.x, b.timestep, positions=b.positions, valid=b.valid, attn_mask=b.attn_mask).velocity
             zt = b.x[:, 8:]
             blk1 = zt[:, 4:]  # block 1
@@ -190,7 +190,7 @@ def test_logit_normal_statistics():
     n = torch.linspace(-8, 8, 20001)  # E[sigmoid(1 + n)] by quadrature
     mean = float((torch.sigmoid(1 + n) * normal.log_prob(n).exp()).sum() * (n[1] - n[0]))
     assert float(t.mean()) == pytest.approx(mean, abs=3e-3)
-    assert float((t < 0.2).float().mean()) < 0.01  # DESIGN §8: <1% of t below 0.2 at loc 1
+    assert float((t < 0.2).float().mean()) < 0.01  # <1% of t below 0.2 at loc 1 (docs/design.md §8)
     u = sample_t((100_000,), FlowMatchingConfig(time_sampling="uniform"), 16, generator=torch.Generator())
     assert float(u.mean()) == pytest.approx(0.5, abs=0.01)
 
@@ -217,9 +217,9 @@ def test_path_endpoints_and_velocity():
 def test_loss_equals_hand_computed_masked_mse():
     prior = _LinearPrior()
     z0, valid = _latents()
-    cfg = FlowMatchingConfig(block_size=BS, prompt_block_prob=0.5)
-    out = flow_matching_loss(prior, z0, valid, cfg, torch.Generator().manual_seed(7))
-    b = build_2l_batch(z0, valid, cfg, torch.Generator().manual_seed(7))
+    cfg = FlowMatchingConfig(prompt_block_prob=0.5)
+    out = flow_matching_loss(prior, z0, valid, BS, cfg, torch.Generator().manual_seed(7))
+    b = build_2l_batch(z0, valid, BS, cfg, torch.Generator().manual_seed(7))
     v = prior(b.x, b.timestep).velocity[:, N:]
     total, count = 0.0, 0
     for i in range(B):
@@ -277,6 +277,8 @@ def test_bad_inputs_fail_loudly():
     holes = valid.clone()
     holes[0, 2] = False
     with pytest.raises(ValueError, match="prefix"):
-        build_2l_batch(z0, holes, FlowMatchingConfig())
+        build_2l_batch(z0, holes, BS, FlowMatchingConfig())
     with pytest.raises(ValueError, match="valid"):
-        build_2l_batch(z0, valid[:, :3], FlowMatchingConfig())
+        build_2l_batch(z0, valid[:, :3], BS, FlowMatchingConfig())
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        build_2l_batch(z0, valid, 0, FlowMatchingConfig())

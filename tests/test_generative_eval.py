@@ -11,7 +11,7 @@ from helpers import tiny_pipeline as build_tiny_pipeline
 from prior.cli import main as cli_main
 from prior.eval.generative import (
     generate_texts,
-    generation_kwargs,
+    generation_config,
     load_tasks,
     parse_task_names,
     per_sample_noise,
@@ -21,6 +21,7 @@ from prior.eval.generative import (
 )
 from prior.eval.tasks import RELEASED_TASKS, load_task_jsonl
 from prior.pipelines.pipeline_cola_text import ColaTextPipeline
+from prior.sampling.config import RELEASED_SETTINGS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -74,7 +75,7 @@ def test_cli_eval_local_jsonl_released_protocol(pipe_dir, tmp_path, capsys):
     summary = json.loads((tmp_path / "results.json").read_text())["summary"]
     assert [v["total"] for v in summary["tasks"].values()] == [2, 2, 2]
     config = json.loads((tmp_path / "eval_config.json").read_text())
-    assert config["released"] and config["generation"]["released_compat"]
+    assert config["released"] and config["generation"]["stop_rule"] == "released"
     assert config["generation"]["repetition_penalty"] == 1.1 and config["generation"]["guidance_scale"] == 7.0
 
 
@@ -94,32 +95,37 @@ def test_every_released_task_loads_from_local_jsonl():
 
 
 def test_released_preset_is_one_switch():
-    released, ours = generation_kwargs(released=True), generation_kwargs(released=False)
+    released, ours = generation_config(released=True).to_dict(), generation_config(released=False).to_dict()
     assert released == {
         "num_inference_steps": 16, "guidance_scale": 7.0, "shift": 1.0, "first_block": "clean_repaint",
         "repaint_fraction": 0.5, "max_new_tokens": 32, "temperature": 0.0, "top_k": 50, "top_p": 0.9,
-        "repetition_penalty": 1.1, "stop_on_eos": True, "whole_blocks": True, "released_compat": True,
+        "repetition_penalty": 1.1, "stop_on_eos": True, "whole_blocks": True, "pad_prompt_to_block": True,
+        "finite_logits": True, "stop_rule": "released", "skip_special_tokens": False, "stop_token_ids": None,
+        "pad_token_id": None,
     }  # fmt: skip
-    assert ours["released_compat"] is False and ours["whole_blocks"] is None
-    assert generation_kwargs(guidance_scale=3.0)["guidance_scale"] == 3.0
+    assert ours["stop_rule"] == "first_stop" and ours["whole_blocks"] is False and ours["shift"] is None
+    assert {k: ours[k] for k in RELEASED_SETTINGS} == {k: released[k] for k in RELEASED_SETTINGS}
+    assert generation_config(guidance_scale=3.0).guidance_scale == 3.0
     with pytest.raises(ValueError, match="unknown generation setting 'bogus'"):
-        generation_kwargs(bogus=1)
+        generation_config(bogus=1)
 
 
 def test_per_item_noise_makes_results_independent_of_the_batch():
     pipe = tiny_pipeline()
     prompts = ["The answer is", "She poured the tea and", "Options: (A) one"]
     keys = [sample_key(f"item-{i}") for i in range(3)]
-    ours = generation_kwargs(released=False, num_inference_steps=2, max_new_tokens=8)
-    together = generate_texts(pipe, prompts, keys=keys, **ours)
-    alone = [generate_texts(pipe, [p], keys=[k], **ours)[0] for p, k in zip(prompts, keys)]
+    ours = generation_config(released=False, num_inference_steps=2, max_new_tokens=8)
+    together = generate_texts(pipe, prompts, keys=keys, generation_config=ours)
+    alone = [generate_texts(pipe, [p], keys=[k], generation_config=ours)[0] for p, k in zip(prompts, keys)]
     assert together == alone
     # released loop: a finished sample keeps generating while others run (whole blocks, as released),
     # so alone it yields a prefix of its batched ids
-    released = generation_kwargs(num_inference_steps=2, max_new_tokens=12, output_type="ids")
+    released = generation_config(num_inference_steps=2, max_new_tokens=12)
 
     def ids(batch, batch_keys):
-        return pipe(batch, noise=per_sample_noise(batch_keys, 66, "cpu"), **released).token_ids
+        return pipe(
+            batch, released, noise=per_sample_noise(batch_keys, 66, "cpu"), output_type="ids"
+        ).token_ids
 
     batched = ids(prompts, keys)
     for i, (p, k) in enumerate(zip(prompts, keys)):
@@ -147,3 +153,27 @@ def test_run_generative_eval_scores_every_item(tmp_path):
     assert all(s.total == len(tasks[s.task]) for s in report.scores)
     assert report.average == pytest.approx(sum(s.accuracy for s in report.scores) / 2)
     assert report.files.json.is_file() and "| Story Cloze |" in report.format()
+
+
+def test_eval_config_written_once_with_the_full_settings(pipe_dir, tmp_path, monkeypatch):
+    from prior.eval.generative import evaluate_checkpoint
+
+    writes = []
+    original = Path.write_text
+
+    def counting_write(self, *args, **kwargs):
+        if self.name == "eval_config.json":
+            writes.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", counting_write)
+    report = evaluate_checkpoint(
+        pipe_dir, tasks="next_word", limit=2, batch_size=2, out_dir=tmp_path, device="cpu", progress=False,
+        num_inference_steps=2, max_new_tokens=4,
+    )  # fmt: skip
+    assert len(writes) == 1
+    config = json.loads((tmp_path / "eval_config.json").read_text())
+    assert config == json.loads(json.dumps(report.settings))
+    assert config["checkpoint"] == str(pipe_dir) and config["tasks"] == ["next_word"]
+    assert config["device"] == "cpu" and config["released"] is False
+    assert config["generation"]["max_new_tokens"] == 4 and config["num_items"] == {"next_word": 2}

@@ -1,7 +1,7 @@
-"""End-to-end parity with the official ``generate_task_repaint_inference`` (golden set A, §6).
+"""End-to-end parity with the official ``generate_task_repaint_inference`` (golden set A, tests/data/golden/A/README.md §6).
 
 The released checkpoints of set A are loaded with the released loaders, the recorded noise is fed
-block by block, and the sampler runs with ``released_compat=True`` and the settings of the json.
+block by block, and the sampler runs with ``GenerationConfig.released()`` and the settings of the json.
 Token ids must be identical; latents and per-step velocities within 1e-4 (fp32).
 """
 
@@ -14,16 +14,16 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file
 
+from modalities.text import TextModality
 from prior.models.mmdit import load_released_dit
-from prior.sampling.block_sampler import BlockSampler, SamplerConfig
+from prior.sampling.block_sampler import BlockSampler
+from prior.sampling.config import GenerationConfig
 from unimodal.text_vae import load_released_text_vae
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared/reference/golden/A"
+GOLDEN = Path(__file__).resolve().parent / "data/golden/A"
 ATOL = 1e-4
-
-pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden folder not found: {GOLDEN}")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_released_generation_matches_golden(models, name):
     meta = json.loads((GOLDEN / f"{name}.json").read_text())
     ref = load_file(GOLDEN / f"{name}.safetensors")
     s = meta["settings"]
-    config = SamplerConfig.released(
+    config = GenerationConfig.released(
         num_inference_steps=s["timestep_num"],
         guidance_scale=s["guidance_scale"],
         max_new_tokens=s["max_new_tokens"],
@@ -56,7 +56,8 @@ def test_released_generation_matches_golden(models, name):
     num_blocks, steps_per_block = meta["num_blocks_generated"], s["timestep_num"]
     noise = [ref[f"block{k}_noise"] for k in range(1, num_blocks + 1)]  # (B*bs, d) sample-major
     steps = []
-    sampler = BlockSampler(vae, dit, FlowMatchEulerDiscreteScheduler(), config)
+    text = TextModality(vae, None, dit.config.block_size)
+    sampler = BlockSampler(text, dit, FlowMatchEulerDiscreteScheduler(), config)
     out = sampler.sample(meta["prompt_ids"], noise=noise, step_callback=steps.append)
 
     assert out.token_ids == meta["generated_ids_trimmed"]
@@ -80,7 +81,7 @@ def test_released_generation_matches_golden(models, name):
 def test_released_grid_is_the_golden_grid():
     meta = json.loads((GOLDEN / "generate_e2e_extra.json").read_text())
     scheduler = FlowMatchEulerDiscreteScheduler()
-    config = SamplerConfig.released(num_inference_steps=meta["settings"]["timestep_num"], pad_token_id=0)
+    config = GenerationConfig.released(num_inference_steps=meta["settings"]["timestep_num"], pad_token_id=0)
     BlockSampler.set_grid(scheduler, config)
     assert scheduler.timesteps.tolist() == meta["timesteps_grid"][:-1]
     dt = (scheduler.sigmas[:-1] - scheduler.sigmas[1:]).tolist()

@@ -8,11 +8,13 @@ import torch
 from prior.models.mmdit import MMDiT
 from prior.training.flow_matching import FlowMatchingConfig, flow_matching_loss
 from prior.training.joint import ColaModel, JointConfig, cola_loss_fn, gaussian_kl, scale_grad
-from prior.training.trainer import Trainer, TrainerConfig, param_groups
+from prior.training.optim import param_groups
+from prior.training.trainer import Trainer, TrainerConfig
 from unimodal.text_vae import TextVAE
 
 LATENT = 4
-FLOW = FlowMatchingConfig(block_size=4, prompt_block_prob=0.2)
+FLOW = FlowMatchingConfig(prompt_block_prob=0.2)
+BLOCK = 4  # the prior's block_size, which the flow layout follows
 
 
 def tiny_vae(**overrides) -> TextVAE:
@@ -67,11 +69,11 @@ def test_scale_grad_function():
 
 def test_vae_grad_scale_on_the_encoder():
     """Only the flow loss (recon and reference KL weighted 0): encoder grad is scale * unscaled grad."""
-    vae, prior = tiny_vae(bert_mask_ratio=0.0, train_latents="mean"), tiny_prior()
+    vae, prior = tiny_vae(bert_mask_ratio=0.0, decoder_latents="mean"), tiny_prior()
     b = batch()
     vae.zero_grad(set_to_none=True)  # the unscaled reference, by hand
     enc = vae.encode(b["input_ids"], b["valid"])
-    flow_matching_loss(prior, enc.latents, enc.valid, FLOW, torch.Generator().manual_seed(0)).loss.backward()
+    flow_matching_loss(prior, enc.latents, enc.valid, BLOCK, FLOW, torch.Generator().manual_seed(0)).loss.backward()
     unscaled = {n: p.grad.clone() for n, p in vae.encoder.named_parameters()}
     assert any(g.abs().sum() > 0 for g in unscaled.values())
     for scale in (1.0, 0.5, 0.0):
@@ -189,24 +191,25 @@ def test_interval_alternates():
         assert all(p.requires_grad for p in model.parameters())  # nothing toggled
 
 
-@pytest.mark.parametrize("train_latents", ["mean", "sample"])
-def test_train_latents(train_latents):
+@pytest.mark.parametrize("prior_latents", ["mean", "sample"])
+def test_prior_latents(prior_latents):
     vae, prior = tiny_vae(), tiny_prior()
-    model = ColaModel(vae, prior, JointConfig(mode="fixed_vae", train_latents=train_latents), FLOW)
+    model = ColaModel(vae, prior, JointConfig(mode="fixed_vae", prior_latents=prior_latents), FLOW)
+    assert model.block_size == prior.config.block_size == BLOCK
     out = run(model, seed=5)
     b, g = batch(), torch.Generator().manual_seed(5)
     with torch.no_grad():
         enc = vae.encode(b["input_ids"], b["valid"])
-        z0 = enc.latents if train_latents == "mean" else vae.sample(enc, g)
-        expected = flow_matching_loss(prior, z0, enc.valid, FLOW, g).loss
+        z0 = enc.latents if prior_latents == "mean" else vae.sample(enc, g)
+        expected = flow_matching_loss(prior, z0, enc.valid, BLOCK, FLOW, g).loss
     assert torch.allclose(out.logs["flow/loss"], expected)
 
 
 def test_config_validation():
     with pytest.raises(ValueError, match="mode"):
         JointConfig(mode="frozen")
-    with pytest.raises(ValueError, match="train_latents"):
-        JointConfig(train_latents="mode")
+    with pytest.raises(ValueError, match="prior_latents"):
+        JointConfig(prior_latents="mode")
     with pytest.raises(ValueError, match="vae_grad_scale"):
         JointConfig(vae_grad_scale=-1.0)
 

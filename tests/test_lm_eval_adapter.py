@@ -21,8 +21,11 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from prior.eval.lm_eval_adapter import (  # noqa: E402
+    DEFAULT_MAX_BATCH_SIZE,
     ColaLM,
     cut_at_stop_strings,
+    is_out_of_memory,
+    parse_batch_size,
     predictive_logprobs,
     reconstruction_logprobs,
 )
@@ -135,3 +138,73 @@ def test_generate_until_cuts_at_stop_strings_and_bad_args_fail():
         lm.generate_until(make_requests("generate_until", [("x", {"num_beams": 2})]))
     with pytest.raises(ValueError, match="loglikelihood='exact'"):
         ColaLM(pipe, device="cpu", loglikelihood="exact")
+
+
+def test_batch_size_auto_and_max_batch_size_are_parsed_or_refused():
+    assert parse_batch_size("auto", None) == (DEFAULT_MAX_BATCH_SIZE, True) == (64, True)
+    assert parse_batch_size("auto", 4) == (4, True)
+    assert (
+        parse_batch_size(8, None) == parse_batch_size("8", None) == parse_batch_size(None, None) == (8, False)
+    )
+    assert parse_batch_size(8, 3) == (3, False)  # max_batch_size caps an integer size
+    assert parse_batch_size(2, 3) == (2, False)
+    with pytest.raises(ValueError, match="only 'auto' is supported"):
+        parse_batch_size("auto:4", None)
+    for bad in (0, "0", "big", -1, True):
+        with pytest.raises(ValueError, match="expected an integer >= 1 or 'auto'"):
+            parse_batch_size(bad, None)
+    for bad in (0, "many", True):
+        with pytest.raises(ValueError, match="max_batch_size=.*expected an integer >= 1"):
+            parse_batch_size("auto", bad)
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to ..."))
+    assert not is_out_of_memory(RuntimeError("shape mismatch")) and not is_out_of_memory(ValueError("x"))
+
+
+def _fits_at_most(lm: ColaLM, limit: int, seen: list[int]):
+    """Wrap lm._score so that a batch above ``limit`` pairs runs out of memory."""
+    score = lm._score
+
+    def run(pairs, keys):
+        seen.append(len(pairs))
+        if len(pairs) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return score(pairs, keys)
+
+    lm._score = run
+
+
+def test_batch_size_auto_finds_the_largest_batch_that_fits_under_max_batch_size():
+    pipe = tiny_pipeline()
+    pairs = [("The cat sat on the", " mat"), ("A dog ran", " in the park"), ("", "The dog"), ("The", " cat")]
+    pairs += [("Latent diffusion", " writes text"), ("The prior", " moves noise")]
+    reference = ColaLM(pipe, batch_size=6, device="cpu", ll_steps=2).loglikelihood(
+        make_requests("loglikelihood", pairs)
+    )
+    lm = ColaLM(pipe, batch_size="auto", max_batch_size=5, device="cpu", ll_steps=2)
+    assert (lm.batch_size, lm.auto_batch_size) == (5, True)
+    seen: list[int] = []
+    _fits_at_most(lm, 2, seen)
+    out = lm.loglikelihood(make_requests("loglikelihood", pairs))
+    assert seen == [5, 2, 2, 2, 2]  # 5 fails, halves to 2, which is kept for the rest
+    assert lm.batch_size == 2 and lm.batch_sizes == {"loglikelihood": 2}
+    for (a, ga), (b, gb) in zip(out, reference):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    # an integer batch size does not adapt: running out of memory is the caller's error
+    fixed = ColaLM(pipe, batch_size=4, device="cpu", ll_steps=2)
+    _fits_at_most(fixed, 2, [])
+    with pytest.raises(torch.OutOfMemoryError):
+        fixed.loglikelihood(make_requests("loglikelihood", pairs))
+    # max_batch_size caps an integer size
+    assert ColaLM(pipe, batch_size=16, max_batch_size=3, device="cpu").batch_size == 3
+
+
+def test_lm_eval_passes_batch_size_auto_and_max_batch_size(pipe_dir):
+    lm = ColaLM.create_from_arg_string(
+        f"pretrained={pipe_dir},device=cpu,steps=2", {"batch_size": "auto", "max_batch_size": 3}
+    )
+    assert (lm.batch_size, lm.auto_batch_size) == (3, True)
+    out = lm.generate_until(make_requests("generate_until", [("The cat", {"max_gen_toks": 4})] * 4))
+    assert len(out) == 4 and lm.batch_sizes == {"generate_until": 3}
+    with pytest.raises(ValueError, match="only 'auto' is supported"):
+        ColaLM.create_from_arg_string(f"pretrained={pipe_dir},device=cpu", {"batch_size": "auto:2"})

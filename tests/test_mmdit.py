@@ -101,7 +101,9 @@ def test_cfg_batched_forward_equals_separate_calls():
     x, t = torch.randn(2, 4, 4), torch.rand(2, 4) * 1000
     cond = model(x, t, kv_cache=cache).velocity
     uncond = model(x, t).velocity  # the block alone, positions 0..bs-1
-    both = model(torch.cat((x, x)), torch.cat((t, t)), kv_cache=cache).velocity
+    both = model(torch.cat((x, x)), torch.cat((t, t)), kv_cache=cache, context_free_rows=2).velocity
+    with pytest.raises(ValueError, match="KV cache holds batch 2 but 4 rows read it"):
+        model(torch.cat((x, x)), torch.cat((t, t)), kv_cache=cache)  # the rows that stand alone are explicit
     close(both[:2], cond)
     close(both[2:], uncond)
     assert (cond - uncond).abs().max() > 1e-3  # the history matters, so the check is not vacuous
@@ -242,7 +244,7 @@ def test_gradient_checkpointing_same_grads():
 
 
 def released_state_dict(model: MMDiT) -> dict[str, torch.Tensor]:
-    """Our weights under the released key names (spec §3 table): the inverse of the converter."""
+    """Our weights under the released key names (docs/released-format.md §3 table): the inverse of the converter."""
     sd, width, out = model.state_dict(), model.config.width, {}
     names = {"embed_in.text": "txt_in.proj", "time_embed": "emb_in", "final.text.norm": "txt_out_norm",
              "final.text.ada": "txt_out_ada.out_in.1", "final.text.proj": "txt_out.proj",

@@ -8,6 +8,7 @@ import torch
 from helpers import tiny_pipeline as build_tiny_pipeline
 
 from prior.pipelines.pipeline_cola_text import ColaTextPipeline, ColaTextPipelineOutput
+from prior.sampling.config import GenerationConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -112,8 +113,8 @@ def test_stream_yields_the_same_text_block_by_block(pipe):
     assert streamed_text == full.texts
 
 
-def test_released_compat_through_the_pipeline(pipe):
-    out = pipe(["the cat sat", ""], generator=torch.Generator().manual_seed(0), released_compat=True,
+def test_released_preset_through_the_pipeline(pipe):
+    out = pipe(["the cat sat", ""], GenerationConfig.released(), generator=torch.Generator().manual_seed(0),
                max_new_tokens=5, num_inference_steps=2, repetition_penalty=1.1)  # fmt: skip
     assert out.num_blocks == 2  # whole blocks: 2 * 4 >= 5
     n = len(pipe.tokenizer("the cat sat")["input_ids"])

@@ -6,14 +6,11 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from modalities.text import TextModality
 from prior.models.mmdit import MMDiT
-from prior.sampling.block_sampler import (
-    FIRST_BLOCK_STRATEGIES,
-    BlockSampler,
-    SamplerConfig,
-    apply_repetition_penalty,
-    sample_tokens,
-)
+from prior.sampling.block_sampler import BlockSampler
+from prior.sampling.config import FIRST_BLOCK_STRATEGIES, RELEASED_LOOP, GenerationConfig
+from prior.sampling.tokens import apply_repetition_penalty, sample_tokens
 from unimodal.text_vae import TextVAE
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,8 +49,9 @@ def models():
 def make_sampler(models, **overrides) -> BlockSampler:
     vae, prior = models
     values = dict(num_inference_steps=3, guidance_scale=3.0, max_new_tokens=8, pad_token_id=PAD)
+    text = TextModality(vae, None, prior.config.block_size)  # ids only: no tokenizer
     return BlockSampler(
-        vae, prior, FlowMatchEulerDiscreteScheduler(), SamplerConfig(**{**values, **overrides})
+        text, prior, FlowMatchEulerDiscreteScheduler(), GenerationConfig(**{**values, **overrides})
     )
 
 
@@ -72,7 +70,7 @@ def prompts_of(lengths, seed: int = 3) -> list[list[int]]:
 @pytest.mark.parametrize("k", [1, 3, 16])
 def test_grid_is_released_uniform_grid_and_step_is_euler(k):
     scheduler = FlowMatchEulerDiscreteScheduler()
-    BlockSampler.set_grid(scheduler, SamplerConfig(num_inference_steps=k))
+    BlockSampler.set_grid(scheduler, GenerationConfig(num_inference_steps=k))
     grid = torch.linspace(1000, 0, k + 1)
     assert torch.equal(scheduler.timesteps, grid[:-1])
     x, v = torch.randn(3, 4), torch.randn(3, 4)
@@ -86,7 +84,7 @@ def test_grid_is_released_uniform_grid_and_step_is_euler(k):
 
 def test_shifted_grid_is_sd3_warp():
     scheduler = FlowMatchEulerDiscreteScheduler()
-    BlockSampler.set_grid(scheduler, SamplerConfig(num_inference_steps=4, shift=3.0))
+    BlockSampler.set_grid(scheduler, GenerationConfig(num_inference_steps=4, shift=3.0))
     s = torch.linspace(1, 0, 5)[:-1]
     torch.testing.assert_close(scheduler.sigmas[:-1], 3 * s / (1 + 2 * s))
     assert scheduler.sigmas[-1] == 0
@@ -115,7 +113,7 @@ def test_sample_tokens_limits():
 # ----------------------------------------------------------------------------- cached == uncached
 
 
-def uncached_reference(vae, prior, prompt, cfg: SamplerConfig, noise: torch.Tensor, num_blocks: int):
+def uncached_reference(vae, prior, prompt, cfg: GenerationConfig, noise: torch.Tensor, num_blocks: int):
     """Clean repaint recomputing the whole sequence at every step (no cache, CFG in two calls)."""
     k_steps, w_cfg = cfg.num_inference_steps, cfg.guidance_scale
     grid = torch.linspace(1000, 0, k_steps + 1)
@@ -275,8 +273,8 @@ def test_streaming_yields_the_same_tokens(models):
 
 
 @torch.no_grad()
-def test_released_compat_generates_whole_blocks_and_keeps_tokens_after_eos(models):
-    sampler = make_sampler(models, released_compat=True, max_new_tokens=6, repetition_penalty=1.1)
+def test_released_loop_generates_whole_blocks_and_keeps_tokens_after_eos(models):
+    sampler = make_sampler(models, **RELEASED_LOOP, max_new_tokens=6, repetition_penalty=1.1)
     out = sampler.sample(prompts_of([3, 4]), generator=torch.Generator().manual_seed(0))
     assert out.num_blocks == 2  # stops once k * bs >= max_new_tokens
     assert [len(t) for t in out.token_ids] == [2 * BS - 3, 2 * BS]
@@ -299,13 +297,17 @@ def test_step_callback_can_replace_latents(models):
 
 def test_bad_inputs_raise(models):
     with pytest.raises(ValueError, match="num_inference_steps"):
-        SamplerConfig(num_inference_steps=0)
+        GenerationConfig(num_inference_steps=0)
     with pytest.raises(ValueError, match="guidance_scale"):
-        SamplerConfig(guidance_scale=-1.0)
+        GenerationConfig(guidance_scale=-1.0)
     with pytest.raises(ValueError, match="first_block"):
-        SamplerConfig(first_block="middle_pad")
+        GenerationConfig(first_block="middle_pad")
     with pytest.raises(ValueError, match="shift"):
-        SamplerConfig(released_compat=True, shift=3.0)
+        GenerationConfig(shift=0.0)
+    with pytest.raises(ValueError, match="whole_blocks"):
+        GenerationConfig(stop_rule="released", whole_blocks=False)
+    with pytest.raises(ValueError, match="unknown generation setting 'released_compat'"):
+        GenerationConfig().replace(released_compat=True)
     sampler = make_sampler(models)
     with pytest.raises(ValueError, match="too long"):
         sampler.sample([[3] * 64])

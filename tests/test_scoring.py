@@ -1,4 +1,4 @@
-"""The released scoring rules (spec §8), one hand-written case per rule and edge case."""
+"""The released scoring rules (docs/released-format.md §8), one hand-written case per rule and edge case."""
 
 import pytest
 
@@ -251,7 +251,7 @@ def test_score_task_and_records():
         score_task("mmlu", [])
 
 
-SPEC_RESULTS = [  # spec §8 reported results
+SPEC_RESULTS = [  # the released checkpoint's reported results (docs/released-format.md §8)
     ("lambada", 508, 1000),
     ("mmlu", 193, 1000),
     ("obqa", 115, 500),

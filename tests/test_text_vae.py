@@ -219,7 +219,7 @@ def test_loss_decreases_on_a_tiny_batch(posterior):
 
 @torch.no_grad()
 def test_loss_terms_switch_off():
-    vae = tiny_vae(bert_mask_ratio=0.0, train_latents="mean")
+    vae = tiny_vae(bert_mask_ratio=0.0, decoder_latents="mean")
     ids = random_ids(2, 8)
     a, b = (vae.loss(ids, generator=torch.Generator().manual_seed(s)) for s in (0, 1))
     assert a.bert_loss == 0 and a.bert_accuracy == 0
@@ -262,7 +262,7 @@ def test_config_schema_and_released_layout():
     assert (cfg.posterior, cfg.block_size, cfg.dim) == ("logsnr", 16, 1536)
     with torch.device("meta"):  # the released ~500M layout, without allocating it
         released = TextVAE()
-    assert sum(p.numel() for p in released.parameters()) == 501_871_574  # spec §1
+    assert sum(p.numel() for p in released.parameters()) == 501_871_574  # the released VAE (docs/released-format.md §1)
     shapes = {k: tuple(v.shape) for k, v in released.state_dict().items()}
     assert len(shapes) == 133
     assert shapes["encoder.wte.weight"] == (100279, 1536)
@@ -305,6 +305,6 @@ def test_errors_are_loud():
     with pytest.raises(ValueError, match="'gaussian'"):
         TextVAE(**TINY, posterior="gaussian")
     with pytest.raises(ValueError, match="'noise'"):
-        TextVAE(**TINY, train_latents="noise")
+        TextVAE(**TINY, decoder_latents="noise")
     with pytest.raises(ValueError, match="'cuda_magic'"):
         TextVAE(**TINY, attn_backend="cuda_magic")

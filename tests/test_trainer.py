@@ -19,15 +19,10 @@ from torch import nn
 from torch.utils.data import IterableDataset
 
 from prior.checkpoints.run_folders import list_checkpoints
-from prior.training.trainer import (
-    EpochSampler,
-    LossOutput,
-    Trainer,
-    TrainerConfig,
-    check_checkpoint,
-    param_groups,
-    warmup_cosine,
-)
+from prior.training.checkpointing import check_checkpoint
+from prior.training.optim import param_groups, warmup_cosine
+from prior.training.outputs import LossOutput
+from prior.training.trainer import EpochSampler, Trainer, TrainerConfig
 from unimodal.config import ConfigError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

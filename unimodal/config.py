@@ -26,33 +26,45 @@ class ConfigError(ValueError):
     """A configuration problem, described in one line."""
 
 
-_SCHEMAS: dict[type, type] = {}
+_SCHEMAS: dict[tuple[type, tuple[str, ...]], type] = {}
 
 
-def schema_from_signature(cls: type) -> type:
+def schema_from_signature(cls: type, derived: tuple[str, ...] = ()) -> type:
     """A dataclass mirroring ``cls.__init__``'s keyword arguments (types from its annotations).
 
     Diffusers models register their ``__init__`` arguments as their config; this turns that
     signature into the schema that YAML ``model:`` sections are validated against.
+
+    ``derived`` names arguments whose value follows from another part of the run (a VAE's
+    vocabulary from its tokenizer, a prior's input channels from the VAE's latent dim): in the
+    schema they are ``T | None`` with default None, so YAML does not repeat them; the code that
+    builds the model fills them in and rejects a given value that disagrees.
     """
-    if cls in _SCHEMAS:
-        return _SCHEMAS[cls]
+    key = (cls, tuple(derived))
+    if key in _SCHEMAS:
+        return _SCHEMAS[key]
     init = getattr(cls.__init__, "__wrapped__", cls.__init__)
     hints = typing.get_type_hints(init)
+    params = list(inspect.signature(init).parameters.items())[1:]
+    unknown = sorted(set(derived) - {name for name, _ in params})
+    if unknown:
+        raise TypeError(f"{cls.__name__}.__init__ has no argument {unknown[0]!r} to derive")
     fields = []
-    for name, param in list(inspect.signature(init).parameters.items())[1:]:
+    for name, param in params:
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
         if param.default is inspect.Parameter.empty:
             raise TypeError(f"{cls.__name__}.__init__ argument {name!r} needs a default to be configurable")
         default = param.default
-        if isinstance(default, (list, dict)):
+        if name in derived:
+            fields.append((name, hints.get(name, Any) | None, dataclasses.field(default=None)))
+        elif isinstance(default, (list, dict)):
             factory = lambda d=default: copy.deepcopy(d)  # noqa: E731  (a fresh copy per instance)
             fields.append((name, hints.get(name, Any), dataclasses.field(default_factory=factory)))
         else:
             fields.append((name, hints.get(name, Any), dataclasses.field(default=default)))
     schema = dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
-    _SCHEMAS[cls] = schema
+    _SCHEMAS[key] = schema
     return schema
 
 

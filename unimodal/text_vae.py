@@ -56,7 +56,7 @@ from unimodal.kv_cache import KVCache
 from unimodal.masks import AttentionMask, block_causal_mask
 
 POSTERIORS = ("diagonal", "logsnr")
-TRAIN_LATENTS = ("sample", "mean")
+DECODER_LATENTS = ("sample", "mean")  # what the Stage-1 decoder reconstructs from
 LOGVAR_RANGE = (-30.0, 20.0)  # released DiagonalGaussianDistribution clamp
 
 
@@ -239,7 +239,7 @@ class TextVAE(ModelMixin, ConfigMixin):
         kl_weight: float = 1e-4,
         bert_weight: float = 1.0,
         bert_mask_ratio: float = 0.15,
-        train_latents: str = "sample",
+        decoder_latents: str = "sample",
         init_std: float = 0.02,
         init_cutoff_factor: float = 3.0,
         attn_backend: str = "sdpa",
@@ -247,8 +247,8 @@ class TextVAE(ModelMixin, ConfigMixin):
         super().__init__()
         if posterior not in POSTERIORS:
             raise ValueError(f"unknown posterior {posterior!r}; expected one of {POSTERIORS}")
-        if train_latents not in TRAIN_LATENTS:
-            raise ValueError(f"unknown train_latents {train_latents!r}; expected one of {TRAIN_LATENTS}")
+        if decoder_latents not in DECODER_LATENTS:
+            raise ValueError(f"unknown decoder_latents {decoder_latents!r}; expected {DECODER_LATENTS}")
         if dim % num_heads or (dim // num_heads) % 2:
             raise ValueError(f"dim {dim} must split into {num_heads} heads of even size")
         if ffn_dim % 2:
@@ -426,7 +426,8 @@ class TextVAE(ModelMixin, ConfigMixin):
                 _draw("uniform", tuple(input_ids.shape), generator, valid.float()) < cfg.bert_mask_ratio
             ) & valid
         encoded = self.encode(input_ids.masked_fill(bert_mask, self.mask_token_id), valid)
-        z = self.sample(encoded, generator) if cfg.train_latents == "sample" else encoded.latents  # (B, N, d)
+        sample = cfg.decoder_latents == "sample"
+        z = self.sample(encoded, generator) if sample else encoded.latents  # (B, N, d)
         logits = self.decode(z, encoded.valid).logits.float()  # (B, L, V)
         ce = F.cross_entropy(logits.flatten(0, 1), input_ids.flatten(), reduction="none").view_as(input_ids)
         recon_tokens = valid & ~bert_mask

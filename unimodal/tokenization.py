@@ -170,17 +170,17 @@ def build_tokenizer(
     train_texts: Sequence[str] | None = None,
     out_dir: str | os.PathLike | None = None,
 ) -> PreTrainedTokenizerFast:
-    """Load ``cfg.name_or_path``, or train a BPE on ``train_texts`` (default: the embedded corpus).
+    """Load ``cfg.name_or_path``, or train a BPE on ``train_texts`` (the caller's training split,
+    e.g. ``unimodal.text_data.load_documents(data_cfg)[0]``).
 
-    The result always has EOS and PAD (checked).
+    The result always has EOS and PAD (checked). This module knows no corpus: the data layer
+    (``unimodal.text_data``) depends on it, never the other way round.
     """
     if cfg.name_or_path is not None:
         tokenizer = load_tokenizer(cfg.name_or_path)
     else:
         if train_texts is None:
-            from unimodal.text_data import embedded_corpus  # local import: text_data imports this module
-
-            train_texts, _ = embedded_corpus()
+            raise ValueError("tokenizer.name_or_path is null: training a BPE needs train_texts")
         tokenizer = train_bpe_tokenizer(train_texts, cfg.vocab_size, out_dir=out_dir)
     check_special_tokens(tokenizer)
     return tokenizer

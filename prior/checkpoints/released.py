@@ -57,7 +57,7 @@ from safetensors import safe_open
 from prior.checkpoints.run_folders import resolve_pipeline_folder
 from prior.models.mmdit import MMDiT, convert_released_dit_state_dict
 from prior.pipelines.pipeline_cola_text import ColaTextPipeline
-from prior.sampling.block_sampler import SamplerConfig
+from prior.sampling.config import GenerationConfig
 from unimodal.text_vae import TextVAE
 from unimodal.tokenization import IM_END_TOKEN, load_tokenizer, model_vocab_size
 
@@ -340,14 +340,9 @@ def load_released_pipeline(
     pipe = ColaTextPipeline(
         text_vae=vae, prior=prior, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), tokenizer=tok
     )
+    pipe.generation_config = GenerationConfig.released()  # saved as generation_config.json
     pipe.release_record = release_record(pipe, layout.root)
     return pipe
-
-
-def released_generation_defaults() -> dict:
-    """The released benchmark's generation settings (spec §6) as ``SamplerConfig`` values."""
-    cfg = dataclasses.asdict(SamplerConfig.released())
-    return {k: v for k, v in cfg.items() if k not in ("stop_token_ids", "pad_token_id")}
 
 
 def release_record(pipe: ColaTextPipeline, source: str | os.PathLike) -> dict:
@@ -364,7 +359,7 @@ def release_record(pipe: ColaTextPipeline, source: str | os.PathLike) -> dict:
         },
         "block_size": {"prior": pipe.prior.config.block_size, "text_vae": vae.block_size},
         "vocab_size": vae.vocab_size,
-        "generation": released_generation_defaults(),
+        "generation": GenerationConfig.released().to_dict(),
     }
 
 
@@ -436,7 +431,6 @@ __all__ = [
     "read_safetensors_folder",
     "release_record",
     "released_dit_shapes",
-    "released_generation_defaults",
     "resolve_pipeline_folder",
     "special_ids",
 ]

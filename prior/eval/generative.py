@@ -1,16 +1,14 @@
 """``unimodal eval``: the released 8-task generative benchmark and the offline embedded task set.
 
-Items come from :mod:`prior.eval.tasks` (released prompt templates, local jsonl / HF loaders, the
-embedded tasks), the scores from :mod:`prior.eval.scoring` (the released ``acc_calc.py`` rules); this
+Items come from :mod:`prior.eval.tasks` (local jsonl / HF loaders, the embedded tasks; prompts
+from :mod:`prior.eval.templates`), the scores from :mod:`prior.eval.scoring` (the released ``acc_calc.py`` rules); this
 module generates the answers with a :class:`~prior.pipelines.pipeline_cola_text.ColaTextPipeline`, prints the
 per-task table and writes ``results.json`` + ``results.md`` (+ ``eval_config.json``).
 
 Design choices
 --------------
 * **One switch for the released protocol**: ``released=True`` runs the pipeline with
-  ``released_compat=True`` and the released settings of spec §6 / §8
-  (:func:`prior.checkpoints.released.released_generation_defaults`, i.e. ``SamplerConfig.released()``): 32 new
-  tokens, 16 Euler steps on the unshifted grid, CFG 7 (1 for a sample whose prefix is empty in
+  ``GenerationConfig.released()`` (docs/released-format.md, "Inference loop"): 32 new tokens, 16 Euler steps on the unshifted grid, CFG 7 (1 for a sample whose prefix is empty in
   the first block), greedy, repetition penalty 1.1 over earlier blocks; the prompt right-padded
   with the pad id to a block multiple and encoded with the pads, the first block's prompt tokens
   trimmed, whole blocks, a sample finished when a block holds EOS or ``<|im_end|>``, texts decoded
@@ -41,7 +39,6 @@ Design choices
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import zlib
@@ -52,7 +49,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from prior.checkpoints.released import released_generation_defaults
 from prior.eval.scoring import PreprocessedTask, TaskScore, format_markdown_table, score_records, summarize
 from prior.eval.tasks import (
     EMBEDDED_TASKS,
@@ -65,6 +61,7 @@ from prior.eval.tasks import (
     write_results,
 )
 from prior.pipelines.pipeline_cola_text import ColaTextPipeline
+from prior.sampling.config import RELEASED_SETTINGS, GenerationConfig
 
 RELEASED_NOISE_SEED = 66  # run_benchmark.sh: COLA_INFER_PER_SAMPLE_NOISE_SEED
 DEFAULT_EMBEDDED_ITEMS = 100
@@ -74,22 +71,12 @@ TASK_SETS = {"embedded": EMBEDDED_TASKS, "released": RELEASED_TASKS, "all": RELE
 # --------------------------------------------------------------------------------- generation preset
 
 
-def generation_kwargs(released: bool = True, **overrides) -> dict:
-    """``ColaTextPipeline.__call__`` keyword arguments of the released protocol (spec §6).
-
-    ``released=False`` keeps the released numbers but turns ``released_compat`` off (our loop,
-    the scheduler's own ``shift``);
-    ``overrides`` replace single settings (``max_new_tokens=16``, ``guidance_scale=3.0``, ...).
-    """
-    call_params = inspect.signature(ColaTextPipeline.__call__).parameters
-    unknown = sorted(k for k in overrides if k not in call_params)
-    if unknown:
-        raise ValueError(f"unknown generation setting {unknown[0]!r}")
-    kwargs = {k: v for k, v in released_generation_defaults().items() if k in call_params}
-    if not released:  # our loop, on the checkpoint's own time grid (its scheduler's shift)
-        kwargs.update(released_compat=False, whole_blocks=None, shift=None)
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    return kwargs
+def generation_config(released: bool = True, **overrides) -> GenerationConfig:
+    """The benchmark's generation settings: the released loop with the released numbers
+    (``GenerationConfig.released()``), or with ``released=False`` the same numbers in our loop
+    (the scheduler's own ``shift``). ``overrides`` replace single fields (None = keep)."""
+    base = GenerationConfig.released() if released else GenerationConfig(**RELEASED_SETTINGS)
+    return base.replace(**overrides)
 
 
 def sample_key(item_id: object) -> int:
@@ -237,16 +224,18 @@ def run_generative_eval(
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
     num_shards: int = 1,
+    run_info: dict | None = None,
     **generation,
 ) -> EvalReport:
     """Generate an answer for every item, score each task, optionally write the results files.
 
-    ``generation``: overrides of the released settings (:func:`generation_kwargs`);
-    ``num_shards``: see :func:`released_batches`.
+    ``generation``: overrides of the released settings (:func:`generation_config`);
+    ``num_shards``: see :func:`released_batches`; ``run_info``: extra entries for the settings
+    (e.g. the checkpoint path), recorded with them in ``report.settings`` and ``eval_config.json``.
     """
     if not tasks:
         raise ValueError("no tasks to evaluate")
-    call_kwargs = generation_kwargs(released=released, **generation)
+    config = generation_config(released=released, **generation)
     pipe.set_progress_bar_config(disable=True)
     total = sum(len(items) for items in tasks.values())
     records: dict[str, PreprocessedTask] = {}
@@ -262,7 +251,7 @@ def run_generative_eval(
                     keys=[sample_key(items[i].id) for i in batch],
                     noise_seed=noise_seed,
                     seed=seed + n,
-                    **call_kwargs,
+                    generation_config=config,
                 )
                 texts.update(zip(batch, generated))
                 bar.update(len(batch))
@@ -271,7 +260,9 @@ def run_generative_eval(
             records[task] = prepared
             scores.append(TaskScore(task, correct, len(items), 100.0 * correct / len(items)))
     settings = {
-        "generation": call_kwargs,
+        **(run_info or {}),
+        "released": released,
+        "generation": config.to_dict(),
         "batch_size": batch_size,
         "num_shards": num_shards,
         "noise_seed": noise_seed,
@@ -319,10 +310,8 @@ def evaluate_checkpoint(
     report = run_generative_eval(
         pipe, items, batch_size=batch_size, released=released, noise_seed=noise_seed, seed=seed,
         out_dir=out_dir, progress=progress, num_shards=num_shards, **generation,
+        run_info=dict(checkpoint=str(path), tasks=names, device=str(device)),
     )  # fmt: skip
-    report.settings.update(checkpoint=str(path), tasks=names, released=released, device=str(device))
-    if out_dir is not None:
-        (Path(out_dir) / "eval_config.json").write_text(json.dumps(report.settings, indent=2) + "\n")
     return report
 
 
@@ -332,7 +321,7 @@ __all__ = [
     "EvalReport",
     "evaluate_checkpoint",
     "generate_texts",
-    "generation_kwargs",
+    "generation_config",
     "load_tasks",
     "parse_task_names",
     "per_sample_noise",

@@ -9,11 +9,23 @@ prior.eval.lm_eval_adapter ...`` does that and then hands over to lm_eval's own 
 lm_eval flag works, e.g. ``--include_path`` for local tasks); from Python, ``import
 prior.eval.lm_eval_adapter`` and call ``lm_eval.simple_evaluate(model="cola", ...)``.
 
+Batching
+--------
+``batch_size`` is an integer (contexts or scoring pairs per call) or ``"auto"``, as in lm-eval's
+HFLM: the largest batch that fits, bounded by ``max_batch_size`` (default 64, HFLM's default).
+``"auto"`` starts at ``max_batch_size``; a batch that runs out of memory (the out-of-memory errors
+accelerate's ``find_executable_batch_size`` reacts to: CUDA/HIP/XPU/MPS, and the CPU allocator) is
+retried at half the size, and the size that fit is kept for the rest of the run. No probe pass is
+spent: the real batches are the probe, and since scoring requests run longest first, the first
+batch is the hardest. With an integer ``batch_size``, ``max_batch_size`` caps it. The noise is
+keyed per item, so results do not depend on the batch size. ``"auto:N"`` (HFLM's re-detection
+schedule) is refused: the size already adapts at every batch.
+
 Requests
 --------
 * ``generate_until`` runs the pipeline, batched (``batch_size`` contexts per call, grouped by
   their generation kwargs), with the released generation preset by default (``released=True``:
-  :func:`prior.eval.generative.generation_kwargs`; CFG 7, 16 steps, penalty 1.1, greedy) and the
+  :func:`prior.eval.generative.generation_config`; CFG 7, 16 steps, penalty 1.1, greedy) and the
   released per-sample noise (seed ``seed``, key ``crc32(context)``). ``max_gen_toks`` (request,
   else model arg) sets ``max_new_tokens``; the text is cut at the first ``until`` string (EOS and
   ``<|im_end|>`` as text are always stop strings, since the released decoding keeps special
@@ -47,7 +59,7 @@ import json
 import math
 import sys
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,14 +67,22 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from prior.eval.generative import RELEASED_NOISE_SEED, generate_texts, generation_kwargs, pipeline_device
+from prior.eval.generative import RELEASED_NOISE_SEED, generate_texts, generation_config, pipeline_device
 from prior.pipelines.pipeline_cola_text import ColaTextPipeline
 from prior.sampling.block_sampler import BlockSampler, StepState
+from prior.sampling.config import GenerationConfig
 from unimodal.tokenization import IM_END_TOKEN
 
 LOGLIKELIHOOD_MODES = ("predictive", "reconstruction")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SAMPLE_KEY_STRIDE = 1_000_003  # separates the noise streams of the samples of one request
+DEFAULT_MAX_BATCH_SIZE = 64  # the bound of batch_size="auto" when max_batch_size is not given (HFLM's)
+_OOM_MESSAGES = (  # the errors accelerate.utils.memory.should_reduce_batch_size treats as out of memory
+    " out of memory.",
+    "MPS backend out of memory",
+    "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED.",
+    "DefaultCPUAllocator: can't allocate memory",
+)
 
 
 @dataclass
@@ -180,11 +200,12 @@ def predictive_logprobs(
                 forced[r, : hi - lo] = z_full[r, lo:hi]
         return forced  # commit (and condition later blocks on) the true latents
 
-    config = pipe.sampler_config(
-        num_inference_steps=steps, guidance_scale=guidance_scale, max_new_tokens=max(len(x) for x in cont),
-        stop_on_eos=False, whole_blocks=True, first_block="clean_repaint",
+    config = pipe.resolve_generation_config(
+        GenerationConfig(), num_inference_steps=steps, guidance_scale=guidance_scale,
+        max_new_tokens=max(len(x) for x in cont), stop_on_eos=False, whole_blocks=True,
+        first_block="clean_repaint",
     )  # fmt: skip
-    sampler = BlockSampler(vae, pipe.prior, pipe.scheduler, config)
+    sampler = BlockSampler(pipe.text_modality, pipe.prior, pipe.scheduler, config)
 
     def noise(block: int, shape: tuple[int, ...]) -> torch.Tensor:
         out = []
@@ -234,6 +255,37 @@ def predictive_logprobs(
     return out
 
 
+def parse_batch_size(batch_size: int | str | None, max_batch_size: int | None) -> tuple[int, bool]:
+    """``(starting batch size, auto)`` from lm_eval's ``batch_size`` / ``max_batch_size`` arguments."""
+    if max_batch_size is not None and (
+        isinstance(max_batch_size, bool) or not str(max_batch_size).isdigit() or int(max_batch_size) < 1
+    ):
+        raise ValueError(f"max_batch_size={max_batch_size!r}; expected an integer >= 1")
+    bound = None if max_batch_size is None else int(max_batch_size)
+    text = "8" if batch_size is None else str(batch_size).strip()
+    if text.startswith("auto"):
+        if text != "auto":
+            raise ValueError(
+                f"batch_size={batch_size!r}: only 'auto' is supported (the batch size already adapts at every batch)"
+            )
+        return bound or DEFAULT_MAX_BATCH_SIZE, True
+    if isinstance(batch_size, bool) or not text.isdigit() or int(text) < 1:
+        raise ValueError(f"batch_size={batch_size!r}; expected an integer >= 1 or 'auto'")
+    return min(int(text), bound or int(text)), False
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for the out-of-memory errors a smaller batch can avoid."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _OOM_MESSAGES)
+
+
+def _free_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def cut_at_stop_strings(text: str, until: Sequence[str]) -> str:
     """``text`` up to the earliest occurrence of any (non-empty) stop string."""
     cut = len(text)
@@ -251,7 +303,8 @@ def cut_at_stop_strings(text: str, until: Sequence[str]) -> str:
 class ColaLM(LM):
     """Cola DLM for lm-evaluation-harness (see the module docstring for what each request returns).
 
-    Model args: ``pretrained`` (path, or a pipeline object), ``batch_size`` (8), ``device``
+    Model args: ``pretrained`` (path, or a pipeline object), ``batch_size`` (8, or ``"auto"``),
+    ``max_batch_size`` (the bound of ``"auto"``, default 64; caps an integer size), ``device``
     (cuda if available), ``dtype`` (float32 | bfloat16 | float16), ``released`` (True: the
     released generation preset), ``max_gen_toks`` (32), ``steps`` / ``guidance_scale`` /
     ``repetition_penalty`` / ``temperature`` (generation overrides), ``seed`` (66, the noise seed),
@@ -279,6 +332,8 @@ class ColaLM(LM):
         max_batch_size: int | None = None,
     ) -> None:
         super().__init__()
+        self.batch_size, self.auto_batch_size = parse_batch_size(batch_size, max_batch_size)
+        self.batch_sizes: dict[str, int] = {}  # with "auto": the size each request type ended at
         if loglikelihood not in LOGLIKELIHOOD_MODES:
             raise ValueError(f"loglikelihood={loglikelihood!r}; expected one of {LOGLIKELIHOOD_MODES}")
         if dtype not in (None, "auto", *DTYPES):
@@ -293,10 +348,9 @@ class ColaLM(LM):
         self.pipe = pipe.to(device=device, dtype=DTYPES.get(dtype))
         self.pipe.set_progress_bar_config(disable=True)
         self._device = torch.device(device)
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_gen_toks = int(max_gen_toks)
         self.seed = int(seed)
-        self.generation = generation_kwargs(
+        self.generation = generation_config(
             released=bool(released), num_inference_steps=steps, guidance_scale=guidance_scale,
             repetition_penalty=repetition_penalty, temperature=temperature,
         )  # fmt: skip
@@ -338,15 +392,38 @@ class ColaLM(LM):
             keys=keys,
         )  # fmt: skip
 
+    def _in_batches(
+        self, indices: Sequence[int], run: Callable[[list[int]], None], kind: str, bar=None
+    ) -> None:
+        """``run`` on consecutive chunks of ``indices`` of ``batch_size`` items; under ``"auto"`` a
+        chunk that runs out of memory is retried at half the size, which is then kept."""
+        start = 0
+        while start < len(indices):
+            batch = list(indices[start : start + self.batch_size])
+            try:
+                run(batch)
+            except Exception as error:
+                if not (self.auto_batch_size and self.batch_size > 1 and is_out_of_memory(error)):
+                    raise
+                self.batch_size = max(1, self.batch_size // 2)
+                _free_memory()
+                continue
+            start += len(batch)
+            if bar is not None:
+                bar.update(len(batch))
+        if self.auto_batch_size and indices:
+            self.batch_sizes[kind] = self.batch_size
+
     def _score_batched(self, pairs, keys, desc: str) -> list[ContinuationScore]:
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
         out: list[ContinuationScore | None] = [None] * len(pairs)
-        for start in tqdm(
-            range(0, len(order), self.batch_size), desc=desc, disable=len(order) <= self.batch_size
-        ):
-            idx = order[start : start + self.batch_size]
+
+        def run(idx: list[int]) -> None:
             for i, score in zip(idx, self._score([pairs[i] for i in idx], [keys[i] for i in idx])):
                 out[i] = score
+
+        with tqdm(total=len(order), desc=desc, disable=len(order) <= self.batch_size) as bar:
+            self._in_batches(order, run, "loglikelihood", bar)
         return out
 
     # ------------------------------------------------------------------ lm_eval requests
@@ -382,7 +459,7 @@ class ColaLM(LM):
         kwargs = dict(gen_kwargs)
         until = kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
-        call = dict(self.generation, max_new_tokens=int(kwargs.pop("max_gen_toks", self.max_gen_toks)))
+        call = dict(max_new_tokens=int(kwargs.pop("max_gen_toks", self.max_gen_toks)))
         do_sample = kwargs.pop("do_sample", None)
         if "temperature" in kwargs:
             call["temperature"] = float(kwargs.pop("temperature"))
@@ -393,7 +470,7 @@ class ColaLM(LM):
                 call[name] = kwargs.pop(name)
         if kwargs:
             raise ValueError(f"unsupported generation kwarg {sorted(kwargs)[0]!r} for the cola model")
-        return until + self.stop_strings, call
+        return until + self.stop_strings, self.generation.replace(**call)
 
     def generate_until(self, requests) -> list[str]:
         groups: dict[str, list[int]] = {}
@@ -402,17 +479,19 @@ class ColaLM(LM):
         results: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="cola generate_until", disable=len(requests) <= self.batch_size)
         for indices in groups.values():
-            until, call = self._request_settings(requests[indices[0]].args[1])
-            for start in range(0, len(indices), self.batch_size):
-                batch = indices[start : start + self.batch_size]
+            until, config = self._request_settings(requests[indices[0]].args[1])
+
+            def run(batch: list[int], until=until, config=config) -> None:
                 contexts = [requests[i].args[0] for i in batch]
+                keys = [text_key(c) for c in contexts]
                 texts = generate_texts(
-                    self.pipe, contexts, keys=[text_key(c) for c in contexts], noise_seed=self.seed, **call
+                    self.pipe, contexts, keys=keys, noise_seed=self.seed, generation_config=config
                 )
                 for i, text in zip(batch, texts):
                     results[i] = cut_at_stop_strings(text, until)
                     self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
-                bar.update(len(batch))
+
+            self._in_batches(indices, run, "generate_until", bar)
         bar.close()
         return results
 
@@ -431,7 +510,9 @@ __all__ = [
     "ColaLM",
     "ContinuationScore",
     "cut_at_stop_strings",
+    "is_out_of_memory",
     "main",
+    "parse_batch_size",
     "predictive_logprobs",
     "reconstruction_logprobs",
     "text_key",

@@ -7,7 +7,7 @@ salad). Three figures:
 * **in-vocabulary words**: the fraction of generated words (whitespace-separated strings, exact,
   punctuation included) that occur as words of the training split. Real held-out text scores
   about 0.93 on the embedded corpus and unigram salad about 0.64 (its BPE pieces glue into
-  non-words), in line with the prototype's 0.90 / 0.58 anchors of DESIGN §8;
+  non-words), in line with the toy-scale prototype's anchors (docs/design.md §8);
 * **distinct-2**: distinct word bigrams / word bigrams (repetition shows up as a low value);
 * **bigram log-likelihood**: mean per-token log-probability under an add-k smoothed token
   bigram model fit on the training split (fluency of local transitions).
@@ -124,11 +124,16 @@ def generation_report(
     val_texts: Sequence[str],
     num_prompts: int = 16,
     prompt_tokens: int = 16,
-    new_tokens: int = 48,
     seed: int = 0,
-    **generate_kwargs,
+    generation_config=None,
+    **overrides,
 ) -> GenerationReport:
-    """Continue held-out prompts with ``pipe`` and score the continuations (see :mod:`prior.eval.samples`)."""
+    """Continue held-out prompts with ``pipe`` and score the continuations (module docstring).
+
+    ``generation_config`` (default: the pipeline's) and ``overrides`` are the generation settings;
+    the real continuations are ``max_new_tokens`` long like the generated ones."""
+    config = pipe.resolve_generation_config(generation_config, **overrides)
+    new_tokens = config.max_new_tokens
     tok = pipe.tokenizer
     prompts, references = [], []
     for text in val_texts:
@@ -141,9 +146,7 @@ def generation_report(
     if not prompts:
         raise ValueError(f"no held-out document has {prompt_tokens + new_tokens} tokens")
     start = time.perf_counter()
-    out = pipe(
-        prompts, max_new_tokens=new_tokens, generator=torch.Generator().manual_seed(seed), **generate_kwargs
-    )
+    out = pipe(prompts, config, generator=torch.Generator().manual_seed(seed))
     seconds = time.perf_counter() - start
     quality = TextQuality(train_texts, tok)
     return GenerationReport(

@@ -1,4 +1,4 @@
-"""Scoring of the generative benchmark: the released ``acc_calc.py`` rules, re-implemented from the spec.
+"""Scoring of the generative benchmark: the released ``acc_calc.py`` rules (docs/released-format.md §8).
 
 Every task is scored from free-form generations (32 new tokens); nothing here looks at logits.
 
@@ -354,7 +354,7 @@ def summarize(scores: Iterable[TaskScore]) -> dict:
 
 
 def format_markdown_table(scores: Iterable[TaskScore]) -> str:
-    """The results table of the spec: task | accuracy | correct / total, then the average row."""
+    """The released results table: task | accuracy | correct / total, then the average row."""
     scores = list(scores)
     summary = summarize(scores)
     lines = ["| task | accuracy | correct / total |", "|---|---:|---:|"]

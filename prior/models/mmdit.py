@@ -29,9 +29,10 @@ Design choices
   passes any :class:`AttentionMask` instead (the 2L training mask ``two_l_mask``).
 * **KV cache.** An explicit :class:`KVCache` is passed to ``forward``; it is read-only unless
   ``update_cache=True`` (prefill, commit of a finished block). Keys are cached after the K norm
-  and after RoPE. Default positions with a cache continue each sample (``lengths + arange``), so
-  a (2B) forward over a batch-B cache runs the unconditional CFG branch in rows
-  B..2B at positions 0..L-1 with no history.
+  and after RoPE. Default positions with a cache continue each sample (``lengths + arange``).
+  ``context_free_rows=R`` marks the last R rows of the batch as standing alone: they attend over
+  their own tokens only, at positions 0..L-1 by default, so one (2B) forward runs both CFG branches
+  over a batch-B cache.
 * **Init.** :meth:`MMDiT.initialize_weights` applies the released init (xavier-uniform linears,
   each released adaLN head initialised as its own matrix, zero biases); with
   ``adaln_zero_init=True`` (default, for training from scratch) the adaLN linears and the final
@@ -396,15 +397,17 @@ class MMDiT(ModelMixin, ConfigMixin):
         attn_mask: AttentionMask | None = None,
         kv_cache: KVCache | None = None,
         update_cache: bool = False,
+        context_free_rows: int = 0,
     ) -> MMDiTOutput:
         """Velocity of the latents ``x`` at per-token ``timestep`` (0..1000).
 
         x: (B, L, C) or {modality: (B, L_m, C_m)}; timestep: scalar, (B,) or (B, L) (or a dict);
         positions: (B, L) int64, default 0..L-1, or ``cache.lengths() + 0..L-1`` with a cache;
         valid: (B, L) bool, default all True; attn_mask: overrides the block-causal mask (it must
-        cover the cached keys too); kv_cache: read, and written only if ``update_cache``. A cache
-        of batch Bc < B serves one batched CFG forward: rows [0, Bc) read it, rows [Bc, B) (the
-        unconditional branch: the block alone, positions 0..L-1 by default) do not.
+        cover the cached keys too); kv_cache: read, and written only if ``update_cache``.
+        ``context_free_rows``: the last R rows attend over their own tokens only, never the cache
+        (CFG's unconditional branch in the same batched forward: the block alone, at positions
+        0..L-1 by default); the cache then holds the first B - R rows.
         """
         xs = self._segments(x)
         first = next(iter(xs.values()))
@@ -419,11 +422,15 @@ class MMDiT(ModelMixin, ConfigMixin):
             raise ValueError(f"KV cache has {kv_cache.num_layers} layers, the model {self.config.num_layers}")
         if update_cache and kv_cache is None:
             raise ValueError("update_cache=True needs a kv_cache")
-        n = batch if kv_cache is None or kv_cache.batch_size is None else kv_cache.batch_size
-        if n > batch or (n < batch and (update_cache or attn_mask is not None)):
+        if not 0 <= context_free_rows <= batch:
+            raise ValueError(f"context_free_rows must be in [0, B={batch}], got {context_free_rows}")
+        if context_free_rows and (update_cache or attn_mask is not None):
+            raise ValueError("context_free_rows needs a read-only forward with the default mask")
+        n = batch - context_free_rows  # rows that read the cache
+        if kv_cache is not None and kv_cache.batch_size not in (None, n):
             raise ValueError(
-                f"KV cache of batch {n} for an input of batch {batch}: only a read-only forward with the "
-                "default mask may add rows that stand alone"
+                f"KV cache holds batch {kv_cache.batch_size} but {n} rows read it "
+                f"(batch {batch}, context_free_rows {context_free_rows})"
             )
         if positions is None:
             positions = torch.arange(length, device=device).expand(batch, length).clone()  # (B, L)

@@ -1,40 +1,54 @@
 """A diffusers pipeline for text generation with Cola DLM: prompt in, continuation out.
 
-Components: ``text_vae`` (:class:`~unimodal.text_vae.TextVAE`), ``prior`` (:class:`~prior.models.mmdit.MMDiT`),
-``scheduler`` (``FlowMatchEulerDiscreteScheduler``) and ``tokenizer`` (a ``transformers`` fast
-tokenizer). The block loop itself lives in :class:`~prior.sampling.block_sampler.BlockSampler`; the pipeline
-tokenizes, configures it, shows progress, calls the step callback and detokenizes. Stages, as in
+Components: ``text_vae`` (:class:`~unimodal.text_vae.TextVAE`), ``prior``
+(:class:`~prior.models.mmdit.MMDiT`), ``scheduler`` (``FlowMatchEulerDiscreteScheduler``) and
+``tokenizer`` (a ``transformers`` fast tokenizer). The text <-> latents adapter is the registry's
+:class:`~modalities.text.TextModality` built from ``text_vae`` + ``tokenizer``; the block loop is
+:class:`~prior.sampling.block_sampler.BlockSampler`; the pipeline resolves the generation
+settings, tokenizes, shows progress, calls the step callback and detokenizes. Stages, as in
 diffusers' SD3 pipeline: 1. check inputs, 2. encode the prompt, 3. timesteps, 4. latents (noise),
 5. the block loop, 6. decode.
 
 Design choices
 --------------
+* **One generation config** (:class:`~prior.sampling.config.GenerationConfig`), the
+  transformers habit: ``pipe(prompt, generation_config=None, **overrides)``; the base is the
+  pipeline's own ``generation_config`` (saved as ``generation_config.json`` in the pipeline folder
+  and restored by ``from_pretrained``; default ``GenerationConfig()``), ``overrides`` are its
+  fields. ``GenerationConfig.released()`` is the released inference loop. Stop ids and the pad id
+  left at None come from the tokenizer (EOS plus ``<|im_end|>`` when present; PAD).
+* **``__call__`` is built on the streaming path**: both run :meth:`ColaTextPipeline._generate`,
+  so a call and a stream with the same noise give the same tokens under any settings.
 * ``save_pretrained`` / ``from_pretrained`` are diffusers': ``model_index.json`` names each
   component by its module (``unimodal.text_vae.TextVAE``, ``prior.models.mmdit.MMDiT``), so a saved
-  pipeline reloads with nothing registered by hand.
-* Prompts are tokenized with the tokenizer's defaults (``add_special_tokens=True``, as the released
-  ``Tokenizer.encode(text).ids``). Stop ids default to EOS plus ``<|im_end|>`` when the tokenizer
-  has it. Texts are decoded with ``skip_special_tokens=True``, except under ``released_compat``
-  (``False``, and nothing is cut at EOS, as released).
-* ``stream`` yields the new text of every block as soon as it is decoded; the text of a block is the
-  difference between the decoded text after and before it, so multi-byte characters that straddle
-  blocks come out whole.
+  pipeline reloads with nothing registered by hand. ``generation_config.json`` is read from a
+  local folder.
+* Prompts are tokenized with the tokenizer's defaults (``add_special_tokens=True``, as the
+  released ``Tokenizer.encode(text).ids``). Texts are decoded with ``skip_special_tokens`` from
+  the config (the released preset keeps them).
+* ``stream`` yields the new text of every block as soon as it is decoded; the text of a block is
+  the difference between the decoded text after and before it, so multi-byte characters that
+  straddle blocks come out whole.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 
+from modalities.text import TextModality
 from prior.models.mmdit import MMDiT
-from prior.sampling.block_sampler import BlockOutput, BlockSampler, NoiseSource, SamplerConfig, StepState
+from prior.sampling.block_sampler import BlockOutput, BlockSampler, NoiseSource, StepState
+from prior.sampling.config import CONFIG_NAME, GenerationConfig
 from unimodal.text_vae import TextVAE
-from unimodal.tokenization import IM_END_TOKEN
 
 OUTPUT_TYPES = ("text", "ids", "latents")
 
@@ -72,12 +86,34 @@ class ColaTextPipeline(DiffusionPipeline):
     ):
         super().__init__()
         self.register_modules(text_vae=text_vae, prior=prior, scheduler=scheduler, tokenizer=tokenizer)
+        self.generation_config = GenerationConfig()
+
+    # ------------------------------------------------------------------ files
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        super().save_pretrained(save_directory, **kwargs)
+        self.generation_config.save(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> ColaTextPipeline:
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        folder = Path(pretrained_model_name_or_path)
+        if (folder / CONFIG_NAME).is_file():
+            pipe.generation_config = GenerationConfig.load(folder)
+        return pipe
 
     # ------------------------------------------------------------------ stages
 
-    def check_inputs(
-        self, prompt, max_new_tokens: int, output_type: str, callback_tensor_inputs
-    ) -> list[str]:
+    @property
+    def text_modality(self) -> TextModality:
+        """The text <-> latents adapter over this pipeline's VAE and tokenizer (prior's block size)."""
+        return TextModality(self.text_vae, self.tokenizer, self.prior.config.block_size)
+
+    def stop_token_ids(self) -> list[int]:
+        """The default stop ids: EOS, and ``<|im_end|>`` when the vocabulary has it."""
+        return self.text_modality.stop_token_ids()
+
+    def check_inputs(self, prompt, output_type: str, callback_tensor_inputs) -> list[str]:
         """1. Validate the call; returns the prompts as a list."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if (
@@ -88,8 +124,6 @@ class ColaTextPipeline(DiffusionPipeline):
             raise ValueError(
                 f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}"
             )
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
         bad = [name for name in callback_tensor_inputs or [] if name not in self._callback_tensor_inputs]
@@ -97,38 +131,40 @@ class ColaTextPipeline(DiffusionPipeline):
             raise ValueError(f"callback tensor input {bad[0]!r} is not one of {self._callback_tensor_inputs}")
         return list(prompts)
 
-    def encode_prompt(self, prompts: list[str]) -> list[list[int]]:
-        """2. Tokenize (the latents are encoded by the sampler, which decides the padding)."""
-        return [list(ids) for ids in self.tokenizer(prompts)["input_ids"]]
-
-    def stop_token_ids(self) -> list[int]:
-        ids = [self.tokenizer.eos_token_id]
-        vocab = self.tokenizer.get_vocab()
-        if IM_END_TOKEN in vocab:
-            ids.append(vocab[IM_END_TOKEN])
-        return [i for i in ids if i is not None]
-
-    def sampler_config(self, shift: float | None = None, **kwargs) -> SamplerConfig:
-        """3. The sampling settings (the time grid follows from steps and shift)."""
-        shift = float(self.scheduler.config.shift) if shift is None else shift
-        kwargs.setdefault("stop_token_ids", self.stop_token_ids())
-        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        return SamplerConfig(shift=shift, **kwargs)
+    def resolve_generation_config(
+        self, generation_config: GenerationConfig | None = None, **overrides
+    ) -> GenerationConfig:
+        """3. The settings of one call: ``generation_config`` (default: the pipeline's) with
+        ``overrides``; stop ids and pad id filled from the tokenizer when None."""
+        base = self.generation_config if generation_config is None else generation_config
+        if not isinstance(base, GenerationConfig):
+            raise TypeError(f"generation_config must be a GenerationConfig, got {type(base).__name__}")
+        config = base.replace(**overrides)
+        text = self.text_modality
+        fill = {}
+        if config.stop_token_ids is None:
+            fill["stop_token_ids"] = text.stop_token_ids()
+        if config.pad_token_id is None and text.pad_token_id is not None:
+            fill["pad_token_id"] = text.pad_token_id
+        return dataclasses.replace(config, **fill) if fill else config
 
     # ------------------------------------------------------------------ generation
 
-    def _blocks(
+    def _generate(
         self,
         prompts: list[str],
-        config: SamplerConfig,
+        config: GenerationConfig,
         generator: torch.Generator | None,
         noise: NoiseSource,
         callback_on_step_end: Callable | None,
         callback_tensor_inputs: list[str],
-    ) -> Iterator[BlockOutput]:
-        """Stages 2-5: tokenize, then run the block loop under a progress bar."""
-        prompt_ids = self.encode_prompt(prompts)
-        sampler = BlockSampler(self.text_vae, self.prior, self.scheduler, config)
+        decode_text: bool = True,
+    ) -> Iterator[tuple[BlockOutput, list[str]]]:
+        """Stages 2-6: tokenize, run the block loop under a progress bar, decode block by block.
+        Yields each block with the new text of every prompt (empty strings if not ``decode_text``)."""
+        text = self.text_modality
+        prompt_ids = text.prompt_ids(prompts)  # 2. encode the prompt (latents: in the sampler)
+        sampler = BlockSampler(text, self.prior, self.scheduler, config)  # 3-5. grid, noise, loop
         steps = config.num_inference_steps
 
         def step_callback(state: StepState) -> torch.Tensor | None:
@@ -141,73 +177,64 @@ class ColaTextPipeline(DiffusionPipeline):
 
         chunk = sampler.block_size * sampler.patch_size
         longest_trim = max(len(ids) % chunk for ids in prompt_ids)
+        token_ids = [[] for _ in prompts]
+        texts = ["" for _ in prompts]
         with self.progress_bar(total=math.ceil((config.max_new_tokens + longest_trim) / chunk)) as bar:
             for out in sampler.stream(
                 prompt_ids, generator=generator, noise=noise, step_callback=step_callback
             ):
                 bar.update()
-                yield out
+                new_texts = ["" for _ in prompts]
+                for i, new in enumerate(out.token_ids):
+                    token_ids[i].extend(new)
+                    if decode_text and new:  # 6. decode
+                        full = text.detokenize([token_ids[i]], config.skip_special_tokens)[0]
+                        new_texts[i] = full[len(texts[i]) :] if full.startswith(texts[i]) else full
+                        texts[i] = full
+                yield out, new_texts
 
     @torch.no_grad()
     def __call__(
         self,
         prompt: str | list[str],
-        max_new_tokens: int = 32,
-        num_inference_steps: int = 16,
-        guidance_scale: float = 7.0,
-        shift: float | None = None,
+        generation_config: GenerationConfig | None = None,
         generator: torch.Generator | None = None,
         noise: NoiseSource = None,
         output_type: str = "text",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
-        first_block: str = "clean_repaint",
-        repaint_fraction: float = 0.5,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float | None = None,
-        stop_on_eos: bool = True,
-        whole_blocks: bool | None = None,
-        released_compat: bool = False,
+        **overrides,
     ) -> ColaTextPipelineOutput | tuple:
         """Generate a continuation of each prompt.
 
-        ``noise``: per-block initial noise (a list of tensors or ``noise(block, shape)``), else drawn
-        with ``generator``. ``callback_on_step_end(pipe, step, timestep, kwargs) -> dict`` is called
-        after every Euler step (``step`` counts over blocks); a returned ``"latents"`` replaces the
-        block's latents. ``shift`` defaults to the scheduler's. ``released_compat`` runs the released
-        inference loop (see :mod:`prior.sampling.block_sampler`); ``repetition_penalty`` defaults to the released
-        1.1 there and to 1.0 (off) otherwise. Returns texts (``output_type="text"``), ids only
-        (``"ids"``) or the block latents (``"latents"``).
+        ``generation_config``: the settings (default: ``self.generation_config``); ``overrides``: any
+        of its fields (``max_new_tokens=64``, ``guidance_scale=3.0``, ...). ``noise``: per-block initial
+        noise (a list of tensors or ``noise(block, shape)``), else drawn with ``generator``.
+        ``callback_on_step_end(pipe, step, timestep, kwargs) -> dict`` is called after every Euler
+        step (``step`` counts over blocks); a returned ``"latents"`` replaces the block's latents.
+        Returns texts (``output_type="text"``), ids only (``"ids"``) or the block latents (``"latents"``).
         """
         # 1. check inputs
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         if hasattr(callback_on_step_end, "tensor_inputs"):  # diffusers PipelineCallback objects
             tensor_inputs = callback_on_step_end.tensor_inputs
-        prompts = self.check_inputs(prompt, max_new_tokens, output_type, tensor_inputs)
-        if repetition_penalty is None:
-            repetition_penalty = 1.1 if released_compat else 1.0
-        # 3. timesteps and sampling settings
-        config = self.sampler_config(
-            shift=shift, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            first_block=first_block, repaint_fraction=repaint_fraction, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-            stop_on_eos=stop_on_eos, whole_blocks=whole_blocks, released_compat=released_compat,
-        )  # fmt: skip
-        # 2, 4, 5. encode the prompt, draw the noise block by block, run the block loop
+        prompts = self.check_inputs(prompt, output_type, tensor_inputs)
+        config = self.resolve_generation_config(generation_config, **overrides)
+        # 2-6 on the streaming path
         token_ids = [[] for _ in prompts]
         block_latents, last = [], None
-        for out in self._blocks(prompts, config, generator, noise, callback_on_step_end, tensor_inputs):
+        blocks = self._generate(
+            prompts, config, generator, noise, callback_on_step_end, tensor_inputs, decode_text=False
+        )
+        for out, _ in blocks:
             for acc, new in zip(token_ids, out.token_ids):
                 acc.extend(new)
             block_latents.append(out.latents)
             last = out
-        # 6. decode
         texts = None
-        if output_type == "text":
-            texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=not released_compat)
+        if output_type == "text":  # 6. decode, once, the whole continuation
+            texts = self.text_modality.detokenize(token_ids, config.skip_special_tokens)
         self.maybe_free_model_hooks()
         if not return_dict:
             return ({"text": texts, "ids": token_ids, "latents": block_latents}[output_type],)
@@ -223,25 +250,15 @@ class ColaTextPipeline(DiffusionPipeline):
     def stream(
         self,
         prompt: str | list[str],
-        max_new_tokens: int = 32,
+        generation_config: GenerationConfig | None = None,
         generator: torch.Generator | None = None,
         noise: NoiseSource = None,
-        shift: float | None = None,
-        **sampler_kwargs,
+        **overrides,
     ) -> Iterator[ColaTextStreamChunk]:
-        """Yield the new text of every prompt block by block (``sampler_kwargs``: SamplerConfig fields)."""
-        prompts = self.check_inputs(prompt, max_new_tokens, "text", [])
-        config = self.sampler_config(shift=shift, max_new_tokens=max_new_tokens, **sampler_kwargs)
-        skip = not config.released_compat
-        token_ids = [[] for _ in prompts]
-        texts = ["" for _ in prompts]
-        for out in self._blocks(prompts, config, generator, noise, None, []):
-            new_texts = []
-            for i, new in enumerate(out.token_ids):
-                token_ids[i].extend(new)
-                full = self.tokenizer.decode(token_ids[i], skip_special_tokens=skip)
-                new_texts.append(full[len(texts[i]) :] if full.startswith(texts[i]) else full)
-                texts[i] = full
+        """Yield the new text of every prompt block by block (same settings as ``__call__``)."""
+        prompts = self.check_inputs(prompt, "text", [])
+        config = self.resolve_generation_config(generation_config, **overrides)
+        for out, new_texts in self._generate(prompts, config, generator, noise, None, []):
             yield ColaTextStreamChunk(out.block, new_texts, out.token_ids, out.finished)
 
 

@@ -13,8 +13,10 @@ Design choices
   (all blocks train in parallel).
 * **Time sampling**: logit-normal ``t = sigmoid(loc + scale n)`` (default) or uniform.
   ``loc = None`` means *auto*: ``1 + 0.5 ln(d / 16)`` for latent dim ``d`` (1.0 at d=16, ~1.69 at
-  d=64, ~2.04 at d=128; the page's best values are ~1.0 / ~1.7 / ~2.3). In YAML write
-  ``loc: null`` for auto or a number. The released pretrain default is loc 1.0 (d = 16).
+  d=64, ~2.04 at d=128; the Cola DLM paper reports ~1.0 / ~1.7 / ~2.3 as the best values). In
+  YAML write ``loc: null`` for auto or a number. The released pretrain default is loc 1.0 (d = 16).
+* **Block size** is the prior's (``prior.config.block_size``): the 2L layout and its mask take it
+  as an argument, so the flow settings never repeat it.
 * **2L layout** ``x = [z0 ; z_t]`` (clean copy first, as ``create_2l_block_causal_mask``), both
   copies at positions ``0..N-1``, clean copy at timestep 0, mask :func:`unimodal.masks.two_l_mask`.
   ``valid`` must be a prefix of each row (right padding): real tokens sit at positions 0..n-1.
@@ -68,7 +70,6 @@ class FlowMatchingConfig:
     loc: float | None = None  # logit-normal location; None = auto, 1 + 0.5 ln(d / 16)
     scale: float = 1.0  # logit-normal scale
     time_sampling: str = "logit_normal"  # "logit_normal" | "uniform"
-    block_size: int = 16  # latents per prior block
     prompt_block_prob: float = 0.05  # per block: clean left part (t = 0, loss 0); released 0.05
     p_uncond: float = 0.0  # per sample: noisy blocks cut off from the clean context (CFG dropout)
     loss_weighting: str = "none"  # "none" | "baseline" (x ((1-t)^2 + t^2))
@@ -81,8 +82,6 @@ class FlowMatchingConfig:
             raise ValueError(f"loss_weighting={self.loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}")
         if self.scale <= 0:
             raise ValueError(f"scale must be > 0, got {self.scale}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         for name in ("prompt_block_prob", "p_uncond"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -199,6 +198,7 @@ def _check_latents(z0: torch.Tensor, valid: torch.Tensor) -> None:
 def build_2l_batch(
     z0: torch.Tensor,
     valid: torch.Tensor,
+    block_size: int,
     cfg: FlowMatchingConfig,
     generator: torch.Generator | None = None,
     *,
@@ -208,14 +208,17 @@ def build_2l_batch(
 ) -> TwoLBatch:
     """Lay out ``[z0 ; z_t]`` with per-block t, prompt pieces and condition dropout.
 
-    z0: (B, N, d) clean latents; valid: (B, N) bool (a prefix per row). Overrides (diagnostics,
-    tests): ``t`` (B, N) per-token times (then no prompt pieces are drawn), ``eps`` (B, N, d),
-    ``uncond`` (B,) bool. Random draws, in order: t per block, eps, prompt splits, uncond rows.
+    z0: (B, N, d) clean latents; valid: (B, N) bool (a prefix per row); ``block_size``: latents per
+    prior block (the prior's own). Overrides (diagnostics, tests): ``t`` (B, N) per-token times
+    (then no prompt pieces are drawn), ``eps`` (B, N, d), ``uncond`` (B,) bool. Random draws, in
+    order: t per block, eps, prompt splits, uncond rows.
     """
     _check_latents(z0, valid)
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
     bsz, n, d = z0.shape
     dev, gdev = z0.device, _gen_device(generator, z0.device)
-    bs = cfg.block_size
+    bs = block_size
     pos = torch.arange(n, device=dev).expand(bsz, n)  # (B, N)
     blk = pos // bs  # (B, N) block id
     n_blocks = -(-n // bs)
@@ -346,11 +349,14 @@ def flow_matching_loss(
     prior: nn.Module,
     z0: torch.Tensor,
     valid: torch.Tensor,
+    block_size: int,
     cfg: FlowMatchingConfig,
     generator: torch.Generator | None = None,
 ) -> FlowLoss:
-    """One teacher-forcing forward of ``prior`` on ``[z0 ; z_t]`` and the released masked MSE."""
-    batch = build_2l_batch(z0, valid, cfg, generator)
+    """One teacher-forcing forward of ``prior`` on ``[z0 ; z_t]`` and the released masked MSE.
+
+    ``block_size``: the prior's (``prior.config.block_size``; ``prior`` may be a functional wrapper)."""
+    batch = build_2l_batch(z0, valid, block_size, cfg, generator)
     return velocity_loss(predict_velocity(prior, batch), batch, cfg, z0)
 
 
@@ -387,7 +393,7 @@ def flow_loss_by_t(
     leaves it out of both. No prompt pieces. Run the prior in eval mode for a clean measurement.
     """
     _check_latents(z0, valid)
-    cfg = FlowMatchingConfig(block_size=block_size, prompt_block_prob=0.0)
+    cfg = FlowMatchingConfig(prompt_block_prob=0.0)
     bsz, n, _ = z0.shape
     gen = torch.Generator(device=z0.device).manual_seed(seed)
     keep = valid.clone()
@@ -400,7 +406,7 @@ def flow_loss_by_t(
     for tv in ts.tolist():
         eps = torch.randn(z0.shape, generator=gen, device=z0.device, dtype=z0.dtype)
         t_tok = torch.full((bsz, n), tv, device=z0.device)
-        batch = build_2l_batch(z0, valid, cfg, t=t_tok, eps=eps, uncond=uncond)
+        batch = build_2l_batch(z0, valid, block_size, cfg, t=t_tok, eps=eps, uncond=uncond)
         mse = (predict_velocity(prior, batch).float() - batch.target.float()).pow(2).mean(-1)  # (B, N)
         losses.append((mse * keep).sum() / keep.sum().clamp_min(1))
     return FlowLossByT(

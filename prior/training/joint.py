@@ -3,9 +3,9 @@
 ``ColaModel`` holds the VAE, the prior and (for the modes that anchor to Stage 1) a frozen
 reference encoder; ``cola_loss_fn(model, batch, step)`` is the trainer's loss function.
 
-Modes (``JointConfig.mode``; the page's Stage-2 ablations)
-------------------------------------------------------------
-* ``joint`` ("Joint DiT x{vae_grad_scale}", the page's best at 1.0): the VAE keeps its Stage-1
+Modes (``JointConfig.mode``; the Stage-2 ablations of the Cola DLM paper, named as there)
+-----------------------------------------------------------------------------------------
+* ``joint`` ("Joint DiT x{vae_grad_scale}", the paper's best at 1.0): the VAE keeps its Stage-1
   objective (reconstruction + BERT, and its own small ``kl_weight`` KL to N(0, I)); the flow loss
   reaches the encoder scaled by ``vae_grad_scale``; a reference KL ``KL(q_phi(z|x) || q_ref(z|x))``
   to the frozen Stage-1 encoder limits latent drift.
@@ -32,13 +32,15 @@ Design choices
   ``0.5 * sum(log(sigma_r^2/sigma^2) + (sigma^2 + (alpha mu - alpha_r mu_r)^2)/sigma_r^2 - 1)``,
   which for an unchanged lambda is ``0.5 * exp(lambda) * |mu - mu_r|^2``. It is computed before the
   prior-boundary normalisation: a KL is invariant to the same affine map applied to both sides.
-* **Which latent the prior trains on** (``train_latents``): ``"mean"`` (default) is the
-  normalised posterior mode, i.e. ``normalize(alpha * mu)`` for the logSNR posterior
+* **Which latent the prior learns to generate** (``prior_latents``): ``"mean"`` (default) is
+  the normalised posterior mode, i.e. ``normalize(alpha * mu)`` for the logSNR posterior
   (``encode(...).latents``) -- the latent the sampler's prompt encoding and the decoder see at
-  inference, and at toy scale (DESIGN §8) prior training on means was clearly better than on
-  samples. ``"sample"`` is the released scripts' default (``--vae-mode sample``): a
-  reparameterised posterior sample, normalised. Either way the flow gradient flows into the
-  encoder (scaled) in the modes that train it.
+  inference. At toy scale (a ~5M VAE whose posterior settled at logSNR ~1.7) training the prior
+  on means instead of samples lowered the flow loss at t = 0.5 from ~2.0 (the Gaussian baseline)
+  to ~1.56 and made the context matter. ``"sample"`` is the released scripts' default
+  (``--vae-mode sample``): a reparameterised posterior sample, normalised. Either way the flow
+  gradient flows into the encoder (scaled) in the modes that train it.
+* **Block size**: the flow layout uses the prior's own ``config.block_size``.
 * **Passes per step**: the VAE loss encodes the BERT-masked input, so the flow latents and the
   reference KL take one more encoder pass on the clean input (and one reference-encoder pass).
 * **The reference encoder** is a frozen copy of the Stage-1 VAE without its decoder. It is kept
@@ -60,11 +62,11 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from prior.training.flow_matching import FlowMatchingConfig, flow_matching_loss
-from prior.training.trainer import LossOutput
+from prior.training.outputs import LossOutput
 from unimodal.text_vae import TextVAE, TextVAEEncoderOutput
 
 MODES = ("joint", "fixed_vae", "scratch", "interval")
-TRAIN_LATENTS = ("mean", "sample")
+PRIOR_LATENTS = ("mean", "sample")
 
 
 # ----------------------------------------------------------------------------- config
@@ -80,13 +82,15 @@ class JointConfig:
     recon_weight: float = 1.0  # weight of the VAE's Stage-1 objective (recon + BERT + its KL)
     prior_weight: float = 1.0  # weight of the flow-matching loss
     interval_every: int = 100  # interval mode: steps per phase (prior phase first)
-    train_latents: str = "mean"  # "mean" (normalised posterior mode) | "sample" (released)
+    prior_latents: str = (
+        "mean"  # what the prior generates: "mean" (normalised posterior mode) | "sample" (released)
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"joint mode={self.mode!r}; expected one of {MODES}")
-        if self.train_latents not in TRAIN_LATENTS:
-            raise ValueError(f"train_latents={self.train_latents!r}; expected one of {TRAIN_LATENTS}")
+        if self.prior_latents not in PRIOR_LATENTS:
+            raise ValueError(f"prior_latents={self.prior_latents!r}; expected one of {PRIOR_LATENTS}")
         if self.vae_grad_scale < 0:
             raise ValueError(f"vae_grad_scale must be >= 0, got {self.vae_grad_scale}")
         for name in ("ref_kl_weight", "recon_weight", "prior_weight"):
@@ -177,6 +181,7 @@ class ColaModel(nn.Module):
         self.prior = prior
         self.cfg = cfg
         self.flow_cfg = flow
+        self.block_size = int(prior.config.block_size)  # the flow layout follows the prior's blocks
         ref = (
             frozen_reference_encoder(reference if reference is not None else vae)
             if cfg.uses_reference
@@ -214,7 +219,7 @@ class ColaModel(nn.Module):
         return [p for part in parts for p in part.parameters() if p.requires_grad]
 
     def _latents(self, encoded: TextVAEEncoderOutput, generator: torch.Generator | None) -> torch.Tensor:
-        if self.cfg.train_latents == "mean":
+        if self.cfg.prior_latents == "mean":
             return encoded.latents  # normalize(alpha * mu) / normalize(mean)
         return self.vae.sample(encoded, generator)
 
@@ -260,9 +265,11 @@ class ColaModel(nn.Module):
             prior = None
         if prior is None:
             with torch.no_grad():
-                flow = flow_matching_loss(self.prior, z0, encoded.valid, self.flow_cfg, generator)
+                flow = flow_matching_loss(
+                    self.prior, z0, encoded.valid, self.block_size, self.flow_cfg, generator
+                )
         else:
-            flow = flow_matching_loss(prior, z0, encoded.valid, self.flow_cfg, generator)
+            flow = flow_matching_loss(prior, z0, encoded.valid, self.block_size, self.flow_cfg, generator)
             total = total + cfg.prior_weight * flow.loss
         logs.update(flow.logs("flow"))
         return LossOutput(

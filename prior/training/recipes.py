@@ -17,9 +17,11 @@ from transformers import PreTrainedTokenizerFast
 from prior.checkpoints.run_folders import resolve_export
 from prior.models.mmdit import MMDiT
 from prior.pipelines.pipeline_cola_text import ColaTextPipeline
+from prior.sampling.config import GenerationConfig
 from prior.training.joint import ColaModel, cola_loss_fn
+from prior.training.outputs import LossOutput, TrainResult
 from prior.training.run_config import RunConfig
-from prior.training.trainer import LossOutput, Trainer, TrainResult
+from prior.training.trainer import Trainer
 from unimodal.config import ConfigError, to_yaml
 from unimodal.text_data import build_text_datasets, load_documents
 from unimodal.text_vae import TextVAE
@@ -37,11 +39,22 @@ def prepare_tokenizer(cfg: RunConfig, run_dir: Path) -> PreTrainedTokenizerFast:
     return build_tokenizer(cfg.tokenizer, train_texts)
 
 
-def _checked_vae_kwargs(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast) -> dict:
+def _derive(kwargs: dict, section: str, name: str, value, source: str) -> dict:
+    """Fill the derived ``kwargs[name]`` with ``value``; a given value that disagrees is a ConfigError."""
+    given = kwargs[name]
+    if given is not None and given != value:
+        raise ConfigError(
+            f"{section}.{name}={given!r} disagrees with {source} ({value!r}); "
+            f"leave {section}.{name} out: it is derived"
+        )
+    kwargs[name] = value
+    return kwargs
+
+
+def vae_kwargs(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast) -> dict:
+    """``TextVAE`` arguments from ``cfg.vae``, ``vocab_size`` derived from the tokenizer (checked)."""
     kwargs = dataclasses.asdict(cfg.vae)
-    vocab = model_vocab_size(tokenizer)
-    if kwargs["vocab_size"] != vocab:
-        raise ConfigError(f"vae.vocab_size={kwargs['vocab_size']} but the tokenizer has {vocab} tokens")
+    _derive(kwargs, "vae", "vocab_size", model_vocab_size(tokenizer), "the tokenizer's number of token ids")
     if cfg.data.seq_len > kwargs["max_seq_len"]:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds vae.max_seq_len={kwargs['max_seq_len']}")
     return kwargs
@@ -66,10 +79,10 @@ def train_text_vae(cfg: RunConfig) -> TrainResult:
     """Stage 1: train the Text VAE described by ``cfg`` and return the trainer's result."""
     run_dir = Path(cfg.train.output_dir)
     tokenizer = prepare_tokenizer(cfg, run_dir)
-    vae_kwargs = _checked_vae_kwargs(cfg, tokenizer)
+    kwargs = vae_kwargs(cfg, tokenizer)
     train_ds, val_ds = build_text_datasets(cfg.data, tokenizer)
     torch.manual_seed(cfg.train.seed)
-    model = TextVAE(**vae_kwargs)
+    model = TextVAE(**kwargs)
     trainer = Trainer(
         model,
         vae_loss_fn,
@@ -90,14 +103,18 @@ def train_text_vae(cfg: RunConfig) -> TrainResult:
 
 
 def save_pipeline_export(
-    model: ColaModel, tokenizer: PreTrainedTokenizerFast, shift: float, out_dir: str | Path
+    model: ColaModel, tokenizer: PreTrainedTokenizerFast, generation: GenerationConfig, out_dir: str | Path
 ) -> None:
+    """A whole pipeline folder; its scheduler takes the run's time shift (1 if unset) and its
+    ``generation_config.json`` the run's ``generation:`` section."""
+    shift = 1.0 if generation.shift is None else generation.shift
     pipe = ColaTextPipeline(
         text_vae=model.vae,
         prior=model.prior,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
         tokenizer=tokenizer,
     )
+    pipe.generation_config = generation
     pipe.save_pretrained(out_dir)
 
 
@@ -106,7 +123,7 @@ def _stage2_vae(cfg: RunConfig, run_dir: Path) -> tuple[TextVAE, PreTrainedToken
     if cfg.joint.mode == "scratch":
         tokenizer = prepare_tokenizer(cfg, run_dir)
         torch.manual_seed(cfg.train.seed)
-        return TextVAE(**_checked_vae_kwargs(cfg, tokenizer)), tokenizer
+        return TextVAE(**vae_kwargs(cfg, tokenizer)), tokenizer
     if not cfg.stage1:
         raise ConfigError(
             f"stage1 (a Stage-1 run folder or export) is required for joint.mode={cfg.joint.mode}"
@@ -121,21 +138,18 @@ def _stage2_vae(cfg: RunConfig, run_dir: Path) -> tuple[TextVAE, PreTrainedToken
     return vae, tokenizer
 
 
+def prior_kwargs(cfg: RunConfig, latent_dim: int) -> dict:
+    """``MMDiT`` arguments from ``cfg.prior``, ``in_channels`` derived from the VAE's latent dim."""
+    kwargs = dataclasses.asdict(cfg.prior)
+    return _derive(kwargs, "prior", "in_channels", [latent_dim], "the VAE's latent_dim")
+
+
 def build_cola_model(cfg: RunConfig, run_dir: Path) -> tuple[ColaModel, PreTrainedTokenizerFast]:
     """The Stage-2 model (VAE + prior + frozen reference encoder) and its tokenizer."""
     vae, tokenizer = _stage2_vae(cfg, run_dir)
-    prior_kwargs = dataclasses.asdict(cfg.prior)
-    latent_dim = vae.config.latent_dim
-    if prior_kwargs["in_channels"] != [latent_dim]:
-        raise ConfigError(
-            f"prior.in_channels={prior_kwargs['in_channels']} but the VAE's latent_dim is {latent_dim}"
-        )
-    if cfg.flow.block_size != cfg.prior.block_size:
-        raise ConfigError(
-            f"flow.block_size={cfg.flow.block_size} differs from prior.block_size={cfg.prior.block_size}"
-        )
+    kwargs = prior_kwargs(cfg, vae.config.latent_dim)
     torch.manual_seed(cfg.train.seed)
-    prior = MMDiT(**prior_kwargs)
+    prior = MMDiT(**kwargs)
     return ColaModel(vae, prior, cfg.joint, cfg.flow), tokenizer
 
 
@@ -150,7 +164,7 @@ def train_cola(cfg: RunConfig) -> TrainResult:
         train_ds,
         val_ds if len(val_ds) else None,
         cfg.train,
-        save_model_fn=lambda m, d: save_pipeline_export(m, tokenizer, cfg.sampler.shift, d),
+        save_model_fn=lambda m, d: save_pipeline_export(m, tokenizer, cfg.generation, d),
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(run_dir / "tokenizer")

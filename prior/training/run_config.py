@@ -5,13 +5,20 @@ A run YAML has one section per module, each validated against that module's own 
     task: vae            # vae (Stage 1) | cola (Stage 2: joint VAE + prior)
     data: ...            # unimodal.text_data.DataConfig
     tokenizer: ...       # unimodal.tokenization.TokenizerConfig
-    vae: ...             # unimodal.text_vae.TextVAE.__init__ (its diffusers config)
+    vae: ...             # unimodal.text_vae.TextVAE.__init__ (its diffusers config); runs that build a VAE
     train: ...           # prior.training.trainer.TrainerConfig
 
 Stage-2 runs add ``stage1`` (the Stage-1 run or export to start from), ``prior`` (MMDiT),
-``flow`` (flow matching), ``joint`` (the joint-training mode) and ``sampler`` (samples printed at
+``flow`` (flow matching), ``joint`` (the joint-training mode) and ``generation`` (samples printed at
 the end). Loading goes through :func:`unimodal.config.load_config`: unknown keys, wrong types and
 missing files are one-line :class:`~unimodal.config.ConfigError`s.
+
+Values that must agree are derived, never repeated: ``vae.vocab_size`` comes from the tokenizer,
+``prior.in_channels`` from the VAE's ``latent_dim``, and the flow layout uses ``prior.block_size``.
+The first two stay settable (None = derived); a given value that disagrees is one ConfigError.
+``vae:`` belongs to the runs that build a VAE (``task: vae``, and ``task: cola`` with
+``joint.mode: scratch``); a Stage-2 run from ``stage1`` takes its VAE from the Stage-1 export, and
+a ``vae:`` section there is an error.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prior.models.mmdit import MMDiT
-from prior.sampling.block_sampler import SamplerConfig
+from prior.sampling.config import GenerationConfig
 from prior.training.flow_matching import FlowMatchingConfig
 from prior.training.joint import JointConfig
 from prior.training.trainer import TrainerConfig
@@ -31,8 +38,8 @@ from unimodal.tokenization import TokenizerConfig
 
 TASKS = ("vae", "cola")
 
-TextVAEConfig = schema_from_signature(TextVAE)
-MMDiTConfig = schema_from_signature(MMDiT)
+TextVAEConfig = schema_from_signature(TextVAE, derived=("vocab_size",))  # from the tokenizer
+MMDiTConfig = schema_from_signature(MMDiT, derived=("in_channels",))  # from the VAE's latent_dim
 
 
 @dataclass
@@ -42,18 +49,32 @@ class RunConfig:
     task: str = "vae"
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    vae: TextVAEConfig = field(default_factory=TextVAEConfig)
+    vae: TextVAEConfig | None = None  # runs that build a VAE (see builds_vae); defaults when absent
     train: TrainerConfig = field(default_factory=TrainerConfig)
     # Stage 2 (task: cola)
     stage1: str | None = None  # Stage-1 run folder or export; required unless joint.mode == scratch
     prior: MMDiTConfig = field(default_factory=MMDiTConfig)
     flow: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
     joint: JointConfig = field(default_factory=JointConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # saved in every export
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ConfigError(f"task={self.task!r} is not one of {', '.join(TASKS)}")
+        if self.builds_vae:
+            if self.vae is None:
+                self.vae = TextVAEConfig()
+        elif self.vae is not None:
+            raise ConfigError(
+                f"vae: is unused by task: cola with joint.mode={self.joint.mode} (its VAE comes from the "
+                "Stage-1 export named by stage1:); remove the vae: section (only task: vae and "
+                "joint.mode: scratch build a VAE)"
+            )
+
+    @property
+    def builds_vae(self) -> bool:
+        """Whether this run builds a fresh VAE from ``vae:`` (Stage 1, or Stage 2 from scratch)."""
+        return self.task == "vae" or self.joint.mode == "scratch"
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> RunConfig:

@@ -22,9 +22,13 @@ LossOutput``; it knows nothing about VAEs or diffusion. Design choices:
   fixed seed and restores the training RNG afterwards: validation is reproducible and does not
   perturb training.
 - **Checkpoints** ``output_dir/checkpoints/step_{N:07d}/`` hold the accelerate state,
-  ``trainer_state.json`` and ``model/`` (written by ``save_model_fn``). They are written into a
-  temporary folder and renamed into place, so a checkpoint folder is complete or absent. The newest
-  ``keep_checkpoints`` are kept.
+  ``trainer_state.json`` and ``model/`` (written by ``save_model_fn``); they are written atomically
+  and pruned to the newest ``keep_checkpoints`` (:mod:`prior.training.checkpointing`).
+- **Progress bar** (:class:`~prior.training.progress.ProgressBar`): without a time budget it
+  counts optimizer steps to ``max_steps`` (its ETA is the time to ``max_steps``). With
+  ``max_time_minutes`` it measures the wall-clock budget: its length is the budget, its ETA the
+  time left in it, and the postfix shows ``step k/max_steps`` (the run stops at whichever limit
+  comes first).
 - **Bad input fails before anything is written**: a fresh run into a folder that holds checkpoints,
   a missing or corrupt resume checkpoint, an invalid config value: one line naming it.
 - **DDP caveat**: under several processes the model is wrapped in DDP, which synchronises gradients
@@ -36,13 +40,11 @@ LossOutput``; it knows nothing about VAEs or diffusion. Design choices:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
-import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,19 +60,21 @@ from accelerate.utils import (
     GradientAccumulationPlugin,
     set_seed,
 )
-from safetensors import safe_open
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 from tqdm import tqdm
 
-from prior.checkpoints.run_folders import checkpoint_name, list_checkpoints
+from prior.checkpoints.run_folders import checkpoint_name
+from prior.training.checkpointing import load_checkpoint, resume_target, save_checkpoint
+from prior.training.optim import param_groups, warmup_cosine
+from prior.training.outputs import LossFn, TrainResult
+from prior.training.progress import MeanLogs, ProgressBar
 from unimodal.config import ConfigError
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
-STATE_FILE = "trainer_state.json"
 
 
-# ----------------------------------------------------------------------------- config and outputs
+# ----------------------------------------------------------------------------- config
 
 
 @dataclass
@@ -124,77 +128,7 @@ class TrainerConfig:
         check(self.max_time_minutes is None or self.max_time_minutes > 0, "max_time_minutes", "None or > 0")
 
 
-@dataclass
-class LossOutput:
-    """What a loss function returns for one micro-batch."""
-
-    loss: torch.Tensor  # scalar, differentiable
-    # scalars, averaged for logging; the same keys on every process at a given step
-    logs: dict[str, float | torch.Tensor] = field(default_factory=dict)
-    num_tokens: int = 0  # tokens in this micro-batch (for tokens/s)
-
-
-LossFn = Callable[[nn.Module, Any, int], LossOutput]
-
-
-@dataclass
-class TrainResult:
-    step: int
-    train_metrics: dict[str, float]  # means over the last logging window
-    val_metrics: dict[str, float]  # the last evaluation ({} without a validation set)
-    wall_time_s: float  # of this train() call
-    tokens_per_second: float  # all processes, this train() call
-    tokens_seen: int  # all processes, since step 0
-    stop_reason: str  # "max_steps" | "time_budget"
-    checkpoint: str | None  # the last checkpoint written
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
-    """LR multiplier: linear warmup to 1 over ``warmup_steps``, then cosine down to ``min_lr_ratio``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def _no_decay(module: nn.Module, param: nn.Parameter) -> bool:
-    return param.ndim < 2 or isinstance(module, nn.Embedding) or "norm" in type(module).__name__.lower()
-
-
-def param_groups(
-    model: nn.Module, weight_decay: float, trainable: Iterable[nn.Parameter] | None = None
-) -> list[dict]:
-    """AdamW groups: weight decay on matrices, none on biases, norms, embeddings and 1-D params.
-
-    ``trainable`` restricts the optimised set (default: every parameter with ``requires_grad``).
-    """
-    wanted = None if trainable is None else {id(p) for p in trainable}
-    decay, no_decay, seen = [], [], set()
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            if id(param) in seen:  # tied weights belong to the first module that holds them
-                continue
-            seen.add(id(param))
-            selected = param.requires_grad if wanted is None else id(param) in wanted
-            if not selected:
-                continue
-            (no_decay if _no_decay(module, param) else decay).append(param)
-    if wanted is not None and wanted - seen:
-        stray = len(wanted - seen)
-        raise ValueError(f"trainable_parameters holds {stray} tensors that are not parameters of the model")
-    if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters")
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 def _mix(*values: int) -> int:
@@ -232,42 +166,6 @@ class EpochSampler(Sampler[int]):
         return max(0, self.num_samples - self.offset)
 
 
-def check_checkpoint(path: str | Path, process_index: int = 0, num_processes: int = 1) -> dict:
-    """Validate a checkpoint folder and return its trainer state; one-line error naming the path."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"resume checkpoint not found: {path}")
-    if not path.is_dir():
-        raise ValueError(f"resume checkpoint is not a folder: {path}")
-    if not (path / STATE_FILE).exists() and list_checkpoints(path):
-        raise ValueError(f"{path} is a run folder, not a checkpoint: pass one of {path}/checkpoints/step_*")
-    try:
-        state = json.loads((path / STATE_FILE).read_text())
-        int(state["step"]), int(state["epoch"]), int(state["samples_into_epoch"])
-    except FileNotFoundError:
-        raise ValueError(f"corrupt checkpoint {path}: {STATE_FILE} is missing") from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"corrupt checkpoint {path}: unreadable {STATE_FILE} ({err})") from None
-    names = {p.name for p in path.iterdir()}
-    required = {
-        "model weights": any(n.startswith(("model", "pytorch_model")) for n in names if n != "model"),
-        "optimizer.bin": "optimizer.bin" in names,
-        "scheduler.bin": "scheduler.bin" in names,
-    }
-    if state.get("num_processes") == num_processes:  # another process count cannot restore RNG streams
-        required[f"random_states_{process_index}.pkl"] = f"random_states_{process_index}.pkl" in names
-    missing = [what for what, ok in required.items() if not ok]
-    if missing:
-        raise ValueError(f"corrupt checkpoint {path}: missing {', '.join(missing)}")
-    for weights in sorted(path.glob("*.safetensors")):
-        try:
-            with safe_open(str(weights), "pt") as f:
-                f.keys()
-        except Exception as err:
-            raise ValueError(f"corrupt checkpoint {weights}: {str(err).splitlines()[0]}") from None
-    return state
-
-
 @contextmanager
 def isolated_rng(seed: int) -> Iterator[None]:
     """Run a block under ``seed`` and restore the torch (CPU + CUDA), numpy and python RNGs after."""
@@ -280,34 +178,6 @@ def isolated_rng(seed: int) -> Iterator[None]:
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
-
-
-class MeanLogs:
-    """Running means of scalar logs (per key), averaged over processes on ``reduce``."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor | float] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, logs: Mapping[str, float | torch.Tensor]) -> None:
-        for key, value in logs.items():
-            if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    raise ValueError(f"log {key!r} must be a scalar, got shape {tuple(value.shape)}")
-                value = value.detach().float().reshape(())
-            self.sums[key] = self.sums.get(key, 0.0) + value
-            self.counts[key] = self.counts.get(key, 0) + 1
-
-    def reduce(self, accelerator: Accelerator) -> dict[str, float]:
-        keys = sorted(self.sums)
-        if not keys:
-            return {}
-        device = accelerator.device
-        sums = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float32, device=device) for k in keys])
-        counts = torch.tensor([float(self.counts[k]) for k in keys], device=device)
-        if accelerator.num_processes > 1:
-            sums, counts = accelerator.reduce(sums, "sum"), accelerator.reduce(counts, "sum")
-        return dict(zip(keys, (sums / counts).tolist()))
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -351,7 +221,8 @@ class Trainer:
                 DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
             ],
         )
-        resume = self._resume_target()  # validates the output folder; nothing is written before this
+        # validates the output folder; nothing is written before this
+        resume = resume_target(self.output_dir, cfg.resume, acc)
         set_seed(cfg.seed, device_specific=True)
 
         # Data: map-style datasets go through the seeded EpochSampler; accelerate shards batches.
@@ -395,23 +266,6 @@ class Trainer:
             self._load_checkpoint(*resume)
 
     # ------------------------------------------------------------------ setup helpers
-
-    def _resume_target(self) -> tuple[Path, dict] | None:
-        """The checkpoint to resume from and its validated trainer state, or None for a fresh run."""
-        resume, existing = self.config.resume, list_checkpoints(self.output_dir)
-        if resume is None:
-            if existing:
-                raise ValueError(
-                    f"{self.output_dir / 'checkpoints'} already holds checkpoints (newest "
-                    f"{existing[-1].name}); set resume='latest' to continue or choose another output_dir"
-                )
-            return None
-        if resume == "latest" and not existing:
-            self.accelerator.print(f"resume='latest': no checkpoint in {self.output_dir}, starting fresh")
-            return None
-        target = existing[-1] if resume == "latest" else Path(resume)
-        acc = self.accelerator
-        return target, check_checkpoint(target, acc.process_index, acc.num_processes)
 
     def _val_loader(self, dataset: Dataset | None) -> DataLoader | None:
         if dataset is None:
@@ -477,21 +331,16 @@ class Trainer:
         saved = self.output_dir / "checkpoints" / checkpoint_name(self.step)
         last_save = self.step if saved.is_dir() else None  # resumed from this very step
         stream = self._micro_batches()
-        bar = tqdm(
-            total=cfg.max_steps,
-            initial=self.step,
-            desc="train",
-            dynamic_ncols=True,
-            disable=not (cfg.progress_bar and acc.is_local_main_process),
-        )
+        disable = not (cfg.progress_bar and acc.is_local_main_process)
+        bar = ProgressBar(cfg.max_steps, cfg.max_time_minutes, self.step, start_time, disable)
         self.model.train()
         while self.step < cfg.max_steps:
             self._optimizer_step(stream)
-            bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 train_metrics = self._log_window()
-                loss, tok_s = train_metrics["loss"], train_metrics["tokens_per_s"]
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}")
+                bar.advance(self.step, train_metrics["loss"], train_metrics["tokens_per_s"])
+            else:
+                bar.advance(self.step)
             if self.val_loader is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
                 val_metrics, last_eval = self._evaluate_and_log(), self.step
             if cfg.save_every and self.step % cfg.save_every == 0:
@@ -602,49 +451,26 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step_{N:07d}`` atomically (temp folder + rename); prune old ones."""
-        acc = self.accelerator
         self._flush_tokens()
-        root = self.output_dir / "checkpoints"
-        final, tmp = root / checkpoint_name(self.step), root / f".tmp-{checkpoint_name(self.step)}"
-        if acc.is_main_process:
-            if tmp.exists():  # left by a crashed save
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))  # every process: its RNG state; the main one: model/optimizer/scheduler
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            if self.save_model_fn is not None:
-                (tmp / "model").mkdir()
-                self.save_model_fn(acc.unwrap_model(self.model), tmp / "model")
-            state = {
-                "step": self.step,
-                "epoch": self.epoch,
-                "samples_into_epoch": self.samples_into_epoch,
-                "tokens_seen": self.tokens_seen,
-                "num_processes": acc.num_processes,
-                "config": dataclasses.asdict(self.config),
-            }
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-            if final.exists():  # a re-run of this step (resumed from an older checkpoint)
-                old = root / f".old-{checkpoint_name(self.step)}"
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, final)
-            if self.config.keep_checkpoints is not None:  # keep the newest, counting this one
-                others = [p for p in list_checkpoints(self.output_dir) if p != final]
-                for stale in others[: max(0, len(others) - self.config.keep_checkpoints + 1)]:
-                    shutil.rmtree(stale)
-        acc.wait_for_everyone()
-        return final
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "samples_into_epoch": self.samples_into_epoch,
+            "tokens_seen": self.tokens_seen,
+            "num_processes": self.accelerator.num_processes,
+            "config": dataclasses.asdict(self.config),
+        }
+        return save_checkpoint(
+            self.accelerator,
+            self.model,
+            self.output_dir,
+            state,
+            self.save_model_fn,
+            self.config.keep_checkpoints,
+        )
 
     def _load_checkpoint(self, path: Path, state: dict) -> None:
-        try:
-            self.accelerator.load_state(str(path))
-        except Exception as err:
-            raise ValueError(f"cannot load checkpoint {path}: {str(err).splitlines()[0]}") from None
+        load_checkpoint(self.accelerator, path)
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.samples_into_epoch = int(state["samples_into_epoch"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
