@@ -1,17 +1,21 @@
 """Benchmark the KV-cached Cola DLM sampler against a no-cache loop, the released loop and an AR model.
 
-One run, batch 1, random-weight models (the tiny configs by default: ``configs/text/cola_tiny.yaml``
-prior and ``configs/text/vae_tiny.yaml`` VAE; every size is a flag), prints:
+One run, batch 1, random-weight models built from run configs (``--prior-config``, default
+``configs/text/cola_tiny.yaml``, its ``prior:``; ``--vae-config``, default
+``configs/text/vae_tiny.yaml``, its ``vae:`` and ``tokenizer.vocab_size``), loaded with
+:func:`prior.training.run_config.load_run_config`; a size flag (``--width``, ``--vae-dim``, ...)
+becomes an override of that config. Prints:
 
 1. tokens/s of :class:`~prior.sampling.block_sampler.BlockSampler` (ours: KV caches, CFG batched) against
-   :class:`RecomputeLoop` (no cache: every denoising step re-runs the prior over the whole
+   ``RecomputeLoop`` (no cache: every denoising step re-runs the prior over the whole
    ``[context | block]`` sequence, and every block re-runs the VAE decoder over everything);
 2. the first and the last block time of our sampler at the longest run (context grows to ~1,024);
 3. prior and VAE-decoder passes per block and per token of every loop;
-4. tokens/s of ours against :class:`ReleasedLoop`, the released inference loop (spec §6) re-built
-   on the same models: per block ``2K + 1`` prior calls (the conditional branch with the cache,
-   the unconditional branch alone as a second call, the commit) and a dense additive mask built
-   by a Python loop over the samples on every call (spec §5 ``create_na_block_causal_mask``);
+4. tokens/s of ours against ``ReleasedLoop``, the released inference loop (docs/released-format.md
+   §6) re-built on the same models: per block ``2K + 1`` prior calls (the conditional branch with
+   the cache, the unconditional branch alone as a second call, the commit) and a dense additive
+   mask built by a Python loop over the samples on every call (the released
+   ``create_na_block_causal_mask``, docs/released-format.md §5);
 5. tokens/s against a transformers ``LlamaForCausalLM`` of the prior's width/depth (random
    weights, KV cache, greedy, batch 1), and the theoretical pass ratio ``bs / (K + 2)``.
 
@@ -35,6 +39,7 @@ Design choices
   caches pre-RoPE keys and re-applies RoPE / the VAE's k-norm to the whole cache on every call,
   so if anything the baseline is faster than the real released loop. The Python mask loop is the
   lenient reading (a loop over samples building index vectors, then one broadcast comparison).
+* The two baselines live in ``scripts/_reference_loops.py``.
 * Prompts are a whole number of blocks and the token counts are multiples of the block size, so
   no first-block repaint happens and every loop generates whole blocks.
 
@@ -46,9 +51,10 @@ Design choices
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import sys
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -58,12 +64,32 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm import tqdm
 
+from modalities.text import TextModality
 from prior.models.mmdit import MMDiT
-from prior.sampling.block_sampler import BlockSampler, SamplerConfig, apply_repetition_penalty, sample_tokens
-from unimodal.attention import rope_inv_freq, rotary
-from unimodal.kv_cache import KVCache
-from unimodal.masks import AttentionMask
+from prior.sampling.block_sampler import BlockSampler
+from prior.sampling.config import GenerationConfig
+from prior.training.run_config import RunConfig, load_run_config
+from unimodal.config import ConfigError
 from unimodal.text_vae import TextVAE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package
+from _reference_loops import RecomputeLoop, ReleasedLoop  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PRIOR_CONFIG = ROOT / "configs/text/cola_tiny.yaml"
+VAE_CONFIG = ROOT / "configs/text/vae_tiny.yaml"
+# size flag -> the run-config keys it overrides
+PRIOR_FLAGS = {
+    "width": ("prior.width",), "heads": ("prior.heads",), "head_dim": ("prior.head_dim",),
+    "rope_dim": ("prior.rope_dim",), "mlp_ratio": ("prior.mlp_ratio",), "layers": ("prior.num_layers",),
+    "block_size": ("prior.block_size",),
+}  # fmt: skip
+VAE_FLAGS = {
+    "vocab": ("vae.vocab_size",), "vae_dim": ("vae.dim",), "vae_ffn_dim": ("vae.ffn_dim",),
+    "vae_heads": ("vae.num_heads",), "vae_layers": ("vae.encoder_num_blocks", "vae.decoder_num_blocks"),
+    "latent_dim": ("vae.latent_dim",), "vae_block_size": ("vae.block_size",),
+    "max_seq_len": ("vae.max_seq_len",),
+}  # fmt: skip
 
 LOOPS = ("cached", "recompute", "released")
 LOOP_TITLES = {"cached": "cached (ours)", "recompute": "recompute all", "released": "released loop"}
@@ -166,39 +192,6 @@ class PassCounter:
             handle.remove()
 
 
-# ----------------------------------------------------------------------------- the released mask
-
-
-def na_block_causal_mask(
-    k_lens: Sequence[int], q_lens: Sequence[int], block_size: int, dtype: torch.dtype, device
-) -> torch.Tensor:
-    """The released ``create_na_block_causal_mask`` (spec §5): additive (1, 1, sum Lq, sum Lk).
-
-    Samples are concatenated on one axis; queries are the suffix of their sample's keys. Allowed
-    (0) iff same sample and ``q_local // bs >= k_local // bs``; elsewhere ``finfo(dtype).min``.
-    Built like the released helper: a Python loop over the samples, on every call.
-    """
-    k_sample, k_local, q_sample, q_local = [], [], [], []
-    for s, (k_len, q_len) in enumerate(zip(k_lens, q_lens)):
-        k_sample.append(torch.full((k_len,), s))
-        k_local.append(torch.arange(k_len))
-        q_sample.append(torch.full((q_len,), s))
-        q_local.append(torch.arange(k_len - q_len, k_len))
-    ks, kj, qs, qj = (torch.cat(parts).to(device) for parts in (k_sample, k_local, q_sample, q_local))
-    allowed = (qs[:, None] == ks[None, :]) & (qj[:, None] // block_size >= kj[None, :] // block_size)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]  # (1, 1, Lq, Lk)
-
-
-def as_attention_mask(additive: torch.Tensor) -> AttentionMask:
-    """Wrap an additive (1, 1, Lq, Lk) mask (batch 1 = the NA layout of one sample) for our models."""
-    allowed = additive == 0  # (1, 1, Lq, Lk) bool
-    _, _, q_len, kv_len = allowed.shape
-    return AttentionMask(
-        lambda b, h, q, kv: allowed[b, 0, q, kv], 1, q_len, kv_len, allowed.device, _dense=allowed
-    )
-
-
 # ----------------------------------------------------------------------------- the loops
 
 
@@ -215,138 +208,15 @@ class CachedLoop:
     def generate(self, prompt: list[int], noise: torch.Tensor, bar: tqdm) -> tuple[list[int], torch.Tensor]:
         """noise (blocks, 1, bs, d) -> (token ids, latents (blocks, bs, d))."""
         num_blocks, _, bs, _ = noise.shape
-        config = SamplerConfig(max_new_tokens=num_blocks * bs, **self.settings)
-        sampler = BlockSampler(self.vae, self.prior, FlowMatchEulerDiscreteScheduler(), config)
+        config = GenerationConfig(max_new_tokens=num_blocks * bs, **self.settings)
+        text = TextModality(self.vae, None, self.prior.config.block_size)  # ids only: no tokenizer
+        sampler = BlockSampler(text, self.prior, FlowMatchEulerDiscreteScheduler(), config)
         ids, latents = [], []
         for out in sampler.stream([prompt], noise=lambda k, shape: noise[k]):
             ids += out.token_ids[0]
             latents.append(out.latents[0])
             bar.update()
         return ids, torch.stack(latents)
-
-
-class _ReferenceLoop(ABC):
-    """Block loop shared by the two baselines: K Euler steps with CFG, decode, greedy + penalty.
-
-    Subclasses say how a velocity is computed (:meth:`velocities`), how the prompt is prepared
-    (:meth:`start`) and how a finished block is committed and decoded (:meth:`finish`).
-    """
-
-    def __init__(self, vae: TextVAE, prior: MMDiT, steps: int, guidance: float, repetition_penalty: float):
-        self.vae, self.prior = vae, prior
-        self.guidance, self.penalty = guidance, repetition_penalty
-        self.grid = torch.linspace(1000.0, 0.0, steps + 1, dtype=torch.float32)  # released fp32 grid
-
-    def generate(self, prompt: list[int], noise: torch.Tensor, bar: tqdm) -> tuple[list[int], torch.Tensor]:
-        """noise (blocks, 1, bs, d) -> (token ids, latents (blocks, bs, d))."""
-        z = self.vae.encode(torch.tensor([prompt])).latents.float()  # (1, P, d)
-        self.start(z)
-        seen = torch.zeros(1, self.vae.config.vocab_size, dtype=torch.bool)
-        ids, latents = [], []
-        for eps in noise:  # (1, bs, d)
-            x = eps.clone()
-            for s in range(len(self.grid) - 1):
-                t = torch.full(x.shape[:2], float(self.grid[s]))  # (1, bs)
-                v_c, v_u = self.velocities(x, t)
-                v = self.guidance * (v_c - v_u) + v_u
-                x = x - float((self.grid[s] - self.grid[s + 1]) / 1000) * v
-            logits = self.finish(x).float()  # (1, bs, V)
-            block = sample_tokens(apply_repetition_penalty(logits, seen, self.penalty))  # greedy (1, bs)
-            seen[0, block[0]] = True
-            ids += block[0].tolist()
-            latents.append(x[0])
-            bar.update()
-        return ids, torch.stack(latents)
-
-    def _prior(self, x, t, positions, **kwargs) -> torch.Tensor:
-        out = self.prior(x.to(self.prior.dtype), t, positions=positions, **kwargs)
-        return out.velocity.float()
-
-    @abstractmethod
-    def start(self, z: torch.Tensor) -> None:
-        """Take the prompt's clean latents z (1, P, d)."""
-
-    @abstractmethod
-    def velocities(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(conditional, unconditional) velocities of the current block x (1, bs, d)."""
-
-    @abstractmethod
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        """Commit the finished block and decode it: logits (1, bs, V)."""
-
-
-class RecomputeLoop(_ReferenceLoop):
-    """No cache: every step re-runs the prior over ``[context | block]`` (conditional branch; the
-    unconditional one is the block alone, a second call), and every block re-runs the VAE decoder
-    over the whole sequence. ``2K`` prior calls per block, no prefill, no commit."""
-
-    def start(self, z: torch.Tensor) -> None:
-        self.context = z  # (1, S, d) clean latents: the prompt, then every finished block
-
-    def velocities(self, x, t):
-        seq = torch.cat((self.context, x), dim=1)  # (1, S + bs, d)
-        t_seq = torch.cat((torch.zeros(self.context.shape[:2]), t), dim=1)
-        positions = torch.arange(seq.shape[1])[None]
-        v_c = self._prior(seq, t_seq, positions)[:, -x.shape[1] :]
-        v_u = self._prior(x, t, torch.arange(x.shape[1])[None])
-        return v_c, v_u
-
-    def finish(self, x):
-        self.context = torch.cat((self.context, x), dim=1)
-        return self.vae.decode(self.context.to(self.vae.dtype)).logits[:, -x.shape[1] :]
-
-
-class ReleasedLoop(_ReferenceLoop):
-    """The released loop (spec §6), batch 1: KV caches, but CFG as two calls (conditional with the
-    cache, unconditional alone) and the additive NA mask rebuilt by a Python loop on every call.
-    ``2K + 1`` prior calls per block and one cached VAE-decoder call."""
-
-    def __init__(self, *args, mask_dtype: torch.dtype = torch.float32, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.mask_dtype = mask_dtype
-        cfg = self.vae.config
-        self.vae_inv_freq = rope_inv_freq(cfg.dim // cfg.num_heads, cfg.rope_theta)
-
-    def _mask(self, k_len: int, q_len: int, block_size: int) -> AttentionMask:
-        return as_attention_mask(na_block_causal_mask([k_len], [q_len], block_size, self.mask_dtype, "cpu"))
-
-    def start(self, z: torch.Tensor) -> None:
-        self.prior_cache = KVCache(self.prior.config.num_layers)
-        self.vae_cache = self.vae.new_kv_cache()
-        if z.shape[1]:  # prefill both caches at t = 0
-            n = z.shape[1]
-            mask = self._mask(n, n, self.prior.config.block_size)
-            positions = torch.arange(n)[None]
-            self._prior(z, torch.zeros(1, n), positions, attn_mask=mask, kv_cache=self.prior_cache,
-                        update_cache=True)  # fmt: skip
-            self._decode(z)
-
-    def _decode(self, x: torch.Tensor) -> torch.Tensor:
-        """The released cached decoder call: its own NA mask, the cache appended. -> logits (1, n, V)."""
-        cache, n = self.vae_cache, x.shape[1]
-        positions = (cache.seq_len + torch.arange(n))[None]  # (1, n)
-        mask = self._mask(cache.seq_len + n, n, self.vae.config.block_size)
-        rope = rotary(positions, self.vae_inv_freq, "neox")
-        logits = self.vae.decoder(x.to(self.vae.dtype), rope, mask, cache, self.vae.attn_backend)
-        cache.advance(positions, torch.ones(1, n, dtype=torch.bool))
-        return logits
-
-    def velocities(self, x, t):
-        bs, cached = x.shape[1], self.prior_cache.seq_len
-        block = self.prior.config.block_size
-        positions = (cached + torch.arange(bs))[None]
-        v_c = self._prior(x, t, positions, attn_mask=self._mask(cached + bs, bs, block),
-                          kv_cache=self.prior_cache)  # fmt: skip
-        v_u = self._prior(x, t, torch.arange(bs)[None], attn_mask=self._mask(bs, bs, block))
-        return v_c, v_u
-
-    def finish(self, x):
-        bs, cached = x.shape[1], self.prior_cache.seq_len
-        positions = (cached + torch.arange(bs))[None]
-        mask = self._mask(cached + bs, bs, self.prior.config.block_size)
-        self._prior(x, torch.zeros(1, bs), positions, attn_mask=mask, kv_cache=self.prior_cache,
-                    update_cache=True)  # fmt: skip
-        return self._decode(x)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -388,19 +258,40 @@ def best_of(tries: list[RunResult]) -> RunResult:
     return replace(fastest, block_seconds=[min(col) for col in zip(*(r.block_seconds for r in tries))])
 
 
-def build_models(args: argparse.Namespace) -> tuple[TextVAE, MMDiT]:
-    """Random-weight VAE and prior (adaLN not zeroed, so the prior's velocity is not trivially 0)."""
+def _overrides(args: argparse.Namespace, flags: dict[str, tuple[str, ...]]) -> list[str]:
+    return [f"{key}={getattr(args, flag)}" for flag, keys in flags.items() for key in keys
+            if getattr(args, flag) is not None]  # fmt: skip
+
+
+def load_configs(args: argparse.Namespace) -> tuple[RunConfig, RunConfig]:
+    """The prior's and the VAE's run configs, the size flags applied as overrides; then every size
+    flag of ``args`` is set to the resolved value (what the loops, the AR model and the report use)."""
+    prior_run = load_run_config(args.prior_config, _overrides(args, PRIOR_FLAGS))
+    vae_run = load_run_config(args.vae_config, _overrides(args, VAE_FLAGS))
+    if vae_run.vae is None:
+        raise ConfigError(f"{args.vae_config} builds no VAE (it needs task: vae or joint.mode: scratch)")
+    p, v = prior_run.prior, vae_run.vae
+    if p.in_channels is not None and list(p.in_channels) != [v.latent_dim]:
+        raise ConfigError(f"prior.in_channels={p.in_channels} disagrees with vae.latent_dim={v.latent_dim}")
+    resolved = dict(
+        width=p.width, heads=p.heads, head_dim=p.head_dim, rope_dim=p.rope_dim, mlp_ratio=p.mlp_ratio,
+        layers=p.num_layers, block_size=p.block_size, vae_dim=v.dim, vae_ffn_dim=v.ffn_dim,
+        vae_heads=v.num_heads, vae_layers=v.encoder_num_blocks, latent_dim=v.latent_dim,
+        vae_block_size=v.block_size, max_seq_len=v.max_seq_len,
+        vocab=v.vocab_size or vae_run.tokenizer.vocab_size,  # derived: the size of the BPE it trains
+    )  # fmt: skip
+    if v.decoder_num_blocks != v.encoder_num_blocks:
+        raise ConfigError("the benchmark's --vae-layers reading needs as many decoder as encoder blocks")
+    vars(args).update(resolved)
+    return prior_run, vae_run
+
+
+def build_models(args: argparse.Namespace, prior_run: RunConfig, vae_run: RunConfig) -> tuple[TextVAE, MMDiT]:
+    """Random-weight VAE and prior from the configs (adaLN not zeroed, so the velocity is not 0)."""
     torch.manual_seed(args.seed)
-    vae = TextVAE(
-        vocab_size=args.vocab, dim=args.vae_dim, ffn_dim=args.vae_ffn_dim, num_heads=args.vae_heads,
-        encoder_num_blocks=args.vae_layers, decoder_num_blocks=args.vae_layers, latent_dim=args.latent_dim,
-        block_size=args.vae_block_size, max_seq_len=args.max_seq_len, posterior="logsnr",
-    ).eval()  # fmt: skip
-    prior = MMDiT(
-        in_channels=[args.latent_dim], width=args.width, heads=args.heads, head_dim=args.head_dim,
-        rope_dim=args.rope_dim, mlp_ratio=args.mlp_ratio, num_layers=args.layers, block_size=args.block_size,
-        adaln_zero_init=False,
-    ).eval()  # fmt: skip
+    vae = TextVAE(**{**dataclasses.asdict(vae_run.vae), "vocab_size": args.vocab}).eval()
+    prior_kwargs = {**dataclasses.asdict(prior_run.prior), "in_channels": [args.latent_dim]}
+    prior = MMDiT(**{**prior_kwargs, "adaln_zero_init": False}).eval()
     return vae, prior
 
 
@@ -549,23 +440,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0)
     add("--json", type=Path, default=None, help="also write the report as JSON")
     add("--no-progress", action="store_true", help="hide the tqdm bars")
-    # prior (configs/text/cola_tiny.yaml)
-    add("--width", type=int, default=256)
-    add("--heads", type=int, default=4)
-    add("--head-dim", type=int, default=64)
-    add("--rope-dim", type=int, default=48)
-    add("--mlp-ratio", type=float, default=4.0)
-    add("--layers", type=int, default=4)
-    add("--block-size", type=int, default=16)
-    # VAE (configs/text/vae_tiny.yaml)
-    add("--vocab", type=int, default=4096)
-    add("--vae-dim", type=int, default=256)
-    add("--vae-ffn-dim", type=int, default=1024)
-    add("--vae-heads", type=int, default=4)
-    add("--vae-layers", type=int, default=2, help="encoder and decoder blocks each")
-    add("--latent-dim", type=int, default=16)
-    add("--vae-block-size", type=int, default=1)
-    add("--max-seq-len", type=int, default=2048)
+    add("--prior-config", type=Path, default=PRIOR_CONFIG, help="run YAML whose prior: section is used")
+    add("--vae-config", type=Path, default=VAE_CONFIG, help="run YAML whose vae: section is used")
+    # size overrides (default: the configs' values)
+    for flag, key in (("--width", "prior.width"), ("--heads", "prior.heads"), ("--head-dim", "prior.head_dim"),
+                      ("--rope-dim", "prior.rope_dim"), ("--layers", "prior.num_layers"),
+                      ("--block-size", "prior.block_size"), ("--vocab", "vae.vocab_size"),
+                      ("--vae-dim", "vae.dim"), ("--vae-ffn-dim", "vae.ffn_dim"), ("--vae-heads", "vae.num_heads"),
+                      ("--latent-dim", "vae.latent_dim"), ("--vae-block-size", "vae.block_size"),
+                      ("--max-seq-len", "vae.max_seq_len")):  # fmt: skip
+        add(flag, type=int, default=None, help=f"override {key}")
+    add("--mlp-ratio", type=float, default=None, help="override prior.mlp_ratio")
+    add("--vae-layers", type=int, default=None, help="override vae.encoder_num_blocks and decoder_num_blocks")
     return p
 
 
@@ -597,19 +483,20 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> BenchReport:
     args = build_parser().parse_args(argv)
+    configs = load_configs(args)
     check_args(args)
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        return _run(args)
+        return _run(args, *configs)
     finally:
         torch.set_num_threads(threads)  # main() may be called in-process (the smoke test)
 
 
-def _run(args: argparse.Namespace) -> BenchReport:
+def _run(args: argparse.Namespace, prior_run: RunConfig, vae_run: RunConfig) -> BenchReport:
     """Build the models, warm up, time every loop (round-robin), print and return the report."""
-    vae, prior = build_models(args)
+    vae, prior = build_models(args, prior_run, vae_run)
     gen = torch.Generator().manual_seed(args.seed + 1)
     prompt = torch.randint(0, args.vocab, (args.prompt_len,), generator=gen).tolist()
     max_blocks = max(*args.tokens, args.ar_tokens) // args.block_size

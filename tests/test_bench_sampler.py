@@ -22,8 +22,8 @@ TINY = [
 ]  # fmt: skip
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_sampler", ROOT / "scripts" / "bench_sampler.py")
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve their module's annotations through it
     spec.loader.exec_module(module)
@@ -32,7 +32,12 @@ def _load_bench():
 
 @pytest.fixture(scope="module")
 def bench():
-    return _load_bench()
+    return _load_script("bench_sampler")
+
+
+@pytest.fixture(scope="module")
+def reference(bench):
+    return sys.modules["_reference_loops"]  # imported by bench_sampler
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +96,8 @@ def test_ar_and_summary_figures(report):
     assert saved["ar"]["new_tokens"] == 12
 
 
-def test_released_mask_matches_block_causal_rule(bench):
-    mask = bench.na_block_causal_mask([6, 5], [2, 5], 2, torch.float32, "cpu")  # (1, 1, 7, 11)
+def test_released_mask_matches_block_causal_rule(reference):
+    mask = reference.na_block_causal_mask([6, 5], [2, 5], 2, torch.float32, "cpu")  # (1, 1, 7, 11)
     allowed = mask[0, 0] == 0
     expected = torch.zeros(7, 11, dtype=torch.bool)
     expected[0:2, 0:6] = True  # sample 0: queries = local 4, 5 (block 2) see every key of blocks <= 2
@@ -104,8 +109,10 @@ def test_released_mask_matches_block_causal_rule(bench):
 
 def test_defaults_are_the_tiny_configs(bench):
     args = bench.build_parser().parse_args([])
+    bench.load_configs(args)
     prior = OmegaConf.load(ROOT / "configs/text/cola_tiny.yaml").prior
-    vae = OmegaConf.load(ROOT / "configs/text/vae_tiny.yaml").vae
+    vae_run = OmegaConf.load(ROOT / "configs/text/vae_tiny.yaml")
+    vae = vae_run.vae
     assert (args.width, args.heads, args.head_dim, args.rope_dim) == (
         prior.width, prior.heads, prior.head_dim, prior.rope_dim
     )  # fmt: skip
@@ -115,7 +122,7 @@ def test_defaults_are_the_tiny_configs(bench):
         prior.mlp_ratio,
     )
     assert (args.vocab, args.vae_dim, args.vae_ffn_dim, args.vae_heads, args.latent_dim) == (
-        vae.vocab_size, vae.dim, vae.ffn_dim, vae.num_heads, vae.latent_dim
+        vae_run.tokenizer.vocab_size, vae.dim, vae.ffn_dim, vae.num_heads, vae.latent_dim
     )  # fmt: skip
     assert args.vae_layers == vae.encoder_num_blocks == vae.decoder_num_blocks
     assert (args.vae_block_size, args.max_seq_len) == (vae.block_size, vae.max_seq_len)
@@ -130,3 +137,17 @@ def test_defaults_are_the_tiny_configs(bench):
 def test_bad_arguments_raise(bench, bad):
     with pytest.raises(ValueError):
         bench.main([*TINY, *bad])
+
+
+def test_models_come_from_the_configs_and_flags_override_them(bench):
+    args = bench.build_parser().parse_args(["--width", "32", "--heads", "2", "--head-dim", "16",
+                                            "--rope-dim", "8", "--vae-dim", "32", "--vocab", "300"])  # fmt: skip
+    configs = bench.load_configs(args)
+    vae, prior = bench.build_models(args, *configs)
+    assert (prior.config.width, prior.config.heads, prior.config.head_dim) == (32, 2, 16)
+    assert (prior.config.num_layers, prior.config.block_size) == (4, 16)  # from cola_tiny.yaml
+    assert list(prior.config.in_channels) == [vae.config.latent_dim] == [16]  # derived
+    assert (vae.config.dim, vae.config.vocab_size, vae.config.ffn_dim) == (32, 300, 1024)
+    assert vae.config.posterior == "logsnr" and vae.config.block_size == 1  # from vae_tiny.yaml
+    with pytest.raises(ValueError, match="config file not found"):
+        bench.main([*TINY, "--prior-config", str(ROOT / "missing.yaml")])

@@ -136,9 +136,7 @@ def test_p_uncond_rows_see_no_clean_context():
     assert torch.equal(mu[:, N:, N:], mc[:, N:, N:])  # own noisy block kept
     assert torch.equal(mu[:, :N], mc[:, :N])  # clean rows unchanged
     assert torch.equal(mc, two_l_mask(cond.positions, cond.noisy, BS, cond.valid).dense()[:, 0])
-    mixed = build_2l_batch(
-        z0, valid, BS, FlowMatchingConfig(), uncond=torch.tensor([True, False, True])
-    )
+    mixed = build_2l_batch(z0, valid, BS, FlowMatchingConfig(), uncond=torch.tensor([True, False, True]))
     m = mixed.attn_mask.dense()[:, 0]
     assert not m[0, N:, :N].any() and m[1, N:, :N].any()
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prior.models.mmdit import load_released_dit
+from prior.checkpoints.released import load_released_prior as load_released_dit
 from unimodal.kv_cache import KVCache
 from unimodal.masks import two_l_mask
 
@@ -123,8 +123,8 @@ def test_forward_cached_protocol(dit):
     x2, t2, valid = inputs("step2_uncond")
     check("step2_uncond", dit(x2, t2, valid=valid).velocity, valid)
 
-    # both CFG branches in one (2B) forward: rows beyond the cache batch stand alone
-    both = dit(torch.cat((x1, x2)), torch.cat((t1, t2)), kv_cache=cache).velocity
+    # both CFG branches in one (2B) forward: the unconditional rows stand alone (context_free_rows)
+    both = dit(torch.cat((x1, x2)), torch.cat((t1, t2)), kv_cache=cache, context_free_rows=len(x2)).velocity
     assert_matches(both[:3].flatten(0, 1), g["step1_cond_velocity"])
     assert_matches(both[3:].flatten(0, 1), g["step2_uncond_velocity"])
 

@@ -15,10 +15,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file
 
 from modalities.text import TextModality
-from prior.models.mmdit import load_released_dit
+from prior.checkpoints.released import load_released_prior as load_released_dit
+from prior.checkpoints.released import load_released_vae as load_released_text_vae
 from prior.sampling.block_sampler import BlockSampler
 from prior.sampling.config import GenerationConfig
-from unimodal.text_vae import load_released_text_vae
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

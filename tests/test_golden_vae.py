@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from unimodal.text_vae import load_released_text_vae
+from prior.checkpoints.released import load_released_vae as load_released_text_vae
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -73,7 +73,9 @@ def test_vae_grad_scale_on_the_encoder():
     b = batch()
     vae.zero_grad(set_to_none=True)  # the unscaled reference, by hand
     enc = vae.encode(b["input_ids"], b["valid"])
-    flow_matching_loss(prior, enc.latents, enc.valid, BLOCK, FLOW, torch.Generator().manual_seed(0)).loss.backward()
+    flow_matching_loss(
+        prior, enc.latents, enc.valid, BLOCK, FLOW, torch.Generator().manual_seed(0)
+    ).loss.backward()
     unscaled = {n: p.grad.clone() for n, p in vae.encoder.named_parameters()}
     assert any(g.abs().sum() > 0 for g in unscaled.values())
     for scale in (1.0, 0.5, 0.0):

@@ -186,7 +186,7 @@ def test_batch_size_auto_finds_the_largest_batch_that_fits_under_max_batch_size(
     seen: list[int] = []
     _fits_at_most(lm, 2, seen)
     out = lm.loglikelihood(make_requests("loglikelihood", pairs))
-    assert seen == [5, 2, 2, 2, 2]  # 5 fails, halves to 2, which is kept for the rest
+    assert seen == [5, 2, 2, 2]  # 5 fails, halves to 2 (retried), which is kept for the rest
     assert lm.batch_size == 2 and lm.batch_sizes == {"loglikelihood": 2}
     for (a, ga), (b, gb) in zip(out, reference):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from prior.checkpoints.released_format import vae_from_released_config
 from unimodal.config import load_config, schema_from_signature
 from unimodal.text_vae import TextVAE, TextVAEEncoderOutput
 
@@ -262,7 +263,8 @@ def test_config_schema_and_released_layout():
     assert (cfg.posterior, cfg.block_size, cfg.dim) == ("logsnr", 16, 1536)
     with torch.device("meta"):  # the released ~500M layout, without allocating it
         released = TextVAE()
-    assert sum(p.numel() for p in released.parameters()) == 501_871_574  # the released VAE (docs/released-format.md §1)
+    # the released VAE (docs/released-format.md §1)
+    assert sum(p.numel() for p in released.parameters()) == 501_871_574
     shapes = {k: tuple(v.shape) for k, v in released.state_dict().items()}
     assert len(shapes) == 133
     assert shapes["encoder.wte.weight"] == (100279, 1536)
@@ -287,9 +289,9 @@ def test_config_schema_and_released_layout():
 def test_from_released_config_rejects_unsupported(field, value, match):
     base = {**TINY, "encoder_num_blocks": 1, "decoder_num_blocks": 1}
     base.pop("max_seq_len")
-    assert TextVAE.from_released_config(base).config.posterior == "diagonal"
+    assert vae_from_released_config(base).config.posterior == "diagonal"
     with pytest.raises(ValueError, match=match):
-        TextVAE.from_released_config({**base, field: value})
+        vae_from_released_config({**base, field: value})
 
 
 def test_errors_are_loud():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -101,6 +103,16 @@ def test_build_tokenizer_checks_special_tokens(tmp_path):
         build_tokenizer(TokenizerConfig(name_or_path=str(file)))
     tok = build_tokenizer(TokenizerConfig(vocab_size=300), train_texts=TEXTS)
     assert len(tok) == 300
+    with pytest.raises(ValueError, match="training a BPE needs train_texts"):
+        build_tokenizer(TokenizerConfig(vocab_size=300))  # no corpus default: the caller passes its split
+
+
+@pytest.mark.parametrize("module", ["unimodal.tokenization", "unimodal.text_data"])
+def test_tokenization_does_not_import_the_data_layer(module):
+    """text_data depends on tokenization, never the reverse: each imports alone in a fresh interpreter."""
+    code = f"import sys, {module}; print('unimodal.text_data' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(module == "unimodal.text_data")
 
 
 def test_load_errors(tmp_path):

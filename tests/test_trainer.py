@@ -3,6 +3,7 @@ checkpoint layout/atomicity/pruning, tensorboard, bad input, and a 2-process tor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,8 @@ from torch.utils.data import IterableDataset
 from prior.checkpoints.run_folders import list_checkpoints
 from prior.training.checkpointing import check_checkpoint
 from prior.training.optim import param_groups, warmup_cosine
-from prior.training.outputs import LossOutput
+from prior.training.outputs import LossOutput, TrainResult
+from prior.training.progress import ProgressBar
 from prior.training.trainer import EpochSampler, Trainer, TrainerConfig
 from unimodal.config import ConfigError
 
@@ -132,6 +135,38 @@ def test_epoch_sampler_is_a_seeded_permutation_with_offset():
     s.offset = 4
     assert list(s) == first[4:] and len(s) == 6
     assert list(EpochSampler(5, seed=0, shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+def test_train_result_format():
+    result = TrainResult(
+        step=120, train_metrics={"loss": 1.23456, "lr": 1e-3}, val_metrics={"loss": 2.5}, wall_time_s=61.25,
+        tokens_per_second=1234.4, tokens_seen=98765, stop_reason="time_budget", checkpoint="runs/x/step_0000120",
+    )  # fmt: skip
+    text = result.format()
+    assert text.splitlines() == [
+        "stopped at step 120 (time budget reached) after 61.2 s; 98,765 tokens seen, 1,234 tokens/s",
+        "train loss 1.2346, val loss 2.5000",
+        "checkpoint: runs/x/step_0000120",
+    ]
+    bare = dataclasses.replace(result, val_metrics={}, stop_reason="max_steps", checkpoint=None).format()
+    assert "(reached max_steps)" in bare and "val loss" not in bare and "none written" in bare
+
+
+def test_progress_bar_shows_the_time_budget_when_one_is_set():
+    steps = ProgressBar(
+        max_steps=50, max_time_minutes=None, step=10, start_time=time.monotonic(), disable=False
+    )
+    steps.advance(11, loss=1.5, tokens_per_s=100.0)
+    assert (steps.bar.total, steps.bar.n) == (50, 11)  # no budget: steps to max_steps
+    steps.close()
+    budget = ProgressBar(
+        max_steps=10_000, max_time_minutes=2.0, step=10, start_time=time.monotonic() - 30, disable=False
+    )
+    budget.advance(11, loss=1.5, tokens_per_s=100.0)
+    assert budget.bar.total == 120 and 30 <= budget.bar.n < 40  # seconds of the 2-minute budget
+    shown = str(budget.bar)
+    assert "2 min budget" in shown and "step=11/10000" in shown and "loss=1.5000" in shown
+    budget.close()
 
 
 # ----------------------------------------------------------------------------- training

@@ -4,9 +4,9 @@ Design choices
 --------------
 * **The released layout, parameter for parameter.** Module and parameter names mirror the
   released state_dict (``encoder.wte``, ``encoder.patch_embedder``, ``encoder.blocks.{i}.qkv_proj``,
-  ..., ``decoder.final_layer``), so :func:`load_released_text_vae` loads the official weights with
-  ``load_state_dict(strict=True)``. :meth:`TextVAE.from_released_config` maps the official
-  ``config.json`` and rejects the variants this file does not implement.
+  ..., ``decoder.final_layer``), so the official weights load with ``load_state_dict(strict=True)``
+  (the config mapping lives with the other released-format facts in
+  ``prior/checkpoints/released_format.py``; docs/released-format.md describes the format).
 * **Released block wiring.** Post-norm blocks with the asymmetric residuals of the released code:
   ``y = LN_attn(x) + Attn(x)`` (attention reads the *un-normalised* x), ``out = y + LN_ffn(FFN(y))``.
   Fused bias-free ``[q | k | v]`` projection, affine LayerNorm over the full q and k vectors
@@ -41,9 +41,7 @@ Design choices
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -457,75 +455,3 @@ class TextVAE(ModelMixin, ConfigMixin):
     ) -> TextVAELossOutput:
         """The training loss (so DDP/accelerate wrappers can call the model directly)."""
         return self.loss(input_ids, valid, generator)
-
-    # ------------------------------------------------------------------------- released checkpoints
-
-    @classmethod
-    def from_released_config(cls, cfg: dict, **overrides) -> TextVAE:
-        """Build a (randomly initialised) TextVAE from the official ``ColaTextVAEConfig`` fields.
-
-        Missing fields take the official class defaults; variants this file does not implement
-        raise ValueError; ``overrides`` set any of our fields (e.g. ``attn_backend``, ``max_seq_len``).
-        """
-        merged = {**_RELEASED_DEFAULTS, **cfg}
-        unknown = sorted(set(merged) - set(_RELEASED_DEFAULTS) - _RELEASED_META_KEYS)
-        if unknown:
-            raise ValueError(f"unknown released Text VAE config field {unknown[0]!r}")
-        if merged.get("model_type", "cola_text_vae") != "cola_text_vae":
-            raise ValueError(f"released config model_type {merged['model_type']!r} is not 'cola_text_vae'")
-        for key, expected in _RELEASED_REQUIRED.items():
-            value = merged[key]
-            ok = value == expected if not isinstance(expected, float) else float(value) == expected
-            if not ok:
-                raise ValueError(f"unsupported released Text VAE setting {key}={value!r} (only {expected!r})")
-        kwargs = {name: merged[name] for name in _RELEASED_SHARED_FIELDS}
-        for name in ("rope_theta", "layer_norm_eps", "scaling_factor", "shifting_factor", "init_std"):
-            kwargs[name] = float(kwargs[name])  # json may hold ints; our schema says float
-        kwargs["init_cutoff_factor"] = float(kwargs["init_cutoff_factor"])
-        return cls(**{**kwargs, "posterior": "diagonal", **overrides})
-
-
-# Official ColaTextVAEConfig defaults (spec §2), the settings we support, and the fields we share.
-_RELEASED_DEFAULTS = {
-    "vocab_size": 100278, "encoder_num_blocks": 4, "decoder_num_blocks": 4, "dim": 1536, "ffn_dim": 6144,
-    "latent_dim": 16, "patch_size": 1, "num_heads": 12, "shared_heads_kv": 1, "encoder_last_ln": True,
-    "layer_norm_type": "layer_norm", "layer_norm_eps": 1e-6, "layer_norm_affine": True, "post_norm": True,
-    "scaling_factor": 1.0, "shifting_factor": 0.0, "qk_bias": False, "qk_norm": True, "qk_norm_affine": True,
-    "clip_qkv": None, "rope_theta": 500000, "rope_full_precision": True, "bias": True, "dropout": 0.0,
-    "attn_dropout": 0.0, "act": "swiglu", "causal": False, "block_causal": True, "block_size": 4,
-    "init_fn": "normal", "init_std": 0.02, "init_cutoff_factor": 3, "use_variation": True, "use_emb": True,
-}  # fmt: skip
-_RELEASED_REQUIRED = {
-    "shared_heads_kv": 1, "encoder_last_ln": True, "layer_norm_type": "layer_norm", "layer_norm_affine": True,
-    "post_norm": True, "qk_bias": False, "qk_norm": True, "qk_norm_affine": True, "clip_qkv": None,
-    "rope_full_precision": True, "bias": True, "dropout": 0.0, "attn_dropout": 0.0, "act": "swiglu",
-    "block_causal": True, "init_fn": "normal", "use_variation": True,
-}  # fmt: skip
-_RELEASED_SHARED_FIELDS = (  # same name and meaning in both configs
-    "vocab_size", "dim", "ffn_dim", "num_heads", "encoder_num_blocks", "decoder_num_blocks", "latent_dim",
-    "patch_size", "block_size", "rope_theta", "layer_norm_eps", "scaling_factor", "shifting_factor",
-    "init_std", "init_cutoff_factor",
-)  # fmt: skip
-# Stored by transformers / never read by the official forward ("causal", "use_emb").
-_RELEASED_META_KEYS = {
-    "model_type",
-    "architectures",
-    "dtype",
-    "torch_dtype",
-    "transformers_version",
-    "_name_or_path",
-}
-
-
-def load_released_text_vae(folder: str | Path, **overrides) -> TextVAE:
-    """Load an official ``cola_vae`` folder (``config.json`` + single-file ``model.safetensors``)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"released Text VAE file not found: {path}")
-    model = TextVAE.from_released_config(json.loads(config_path.read_text()), **overrides)
-    model.load_state_dict(load_file(weights_path), strict=True)
-    return model.eval()

@@ -54,20 +54,27 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors import safe_open
 
+from prior.checkpoints.released_format import (
+    RELEASED_SPECIAL_IDS,
+    RELEASED_VOCAB_SIZE,
+    ROPE_BUFFER_PATTERN,
+    convert_released_dit_state_dict,
+    dit_from_released_config,
+    ours_to_released,
+    released_dit_shapes,
+    vae_from_released_config,
+)
 from prior.checkpoints.run_folders import resolve_pipeline_folder
-from prior.models.mmdit import MMDiT, convert_released_dit_state_dict
+from prior.models.mmdit import MMDiT
 from prior.pipelines.pipeline_cola_text import ColaTextPipeline
 from prior.sampling.config import GenerationConfig
 from unimodal.text_vae import TextVAE
 from unimodal.tokenization import IM_END_TOKEN, load_tokenizer, model_vocab_size
 
-RELEASED_VOCAB_SIZE = 100278
-RELEASED_SPECIAL_IDS = {"eos": 100257, "im_end": 100265, "pad": 100277}  # spec §4
 RELEASE_RECORD = "cola_release.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
-_ROPE_BUFFER = re.compile(r"blocks\.\d+\.msa\.rope\.rope\.freqs")
 
 
 # ----------------------------------------------------------------------------------------- layout
@@ -173,12 +180,16 @@ def _check_weights(
     origin: dict[str, str],
     where: Path,
     ignore: re.Pattern | None = None,
+    ours: dict[str, str] | None = None,
 ) -> None:
-    """Missing, unexpected or mis-shaped weights -> one ValueError naming the key and the file."""
+    """Missing, unexpected or mis-shaped weights -> one ValueError naming the key and the file
+    (``ours``: released key -> our key, named too when they differ)."""
+    ours = ours or {}
     for key in expected:
         if key not in state:
             files = ", ".join(sorted(set(origin.values()))) or "no weights"
-            raise ValueError(f"{where}: required weight {key!r} is missing (looked in {files})")
+            model_key = f"model key {ours[key]!r}; " if ours.get(key, key) != key else ""
+            raise ValueError(f"{where}: required weight {key!r} is missing ({model_key}looked in {files})")
     for key, value in state.items():
         if ignore is not None and ignore.fullmatch(key):
             continue
@@ -191,63 +202,34 @@ def _check_weights(
             )
 
 
-# Our MMDiT key -> released key (only for naming released keys in error messages and checks).
-_DIT_NAMES = [
-    (r"embed_in\.\w+\.(weight|bias)", "txt_in.proj.{0}"),
-    (r"time_embed\.(proj_in|proj_hid|proj_out)\.(weight|bias)", "emb_in.{0}.{1}"),
-    (r"blocks\.(\d+)\.streams\.\w+\.qkv\.(weight|bias)", "blocks.{0}.msa.proj_qkv.{1}"),
-    (r"blocks\.(\d+)\.streams\.\w+\.proj\.(weight|bias)", "blocks.{0}.msa.proj_out.{1}"),
-    (r"blocks\.(\d+)\.streams\.\w+\.norm_(q|k)\.(weight|bias)", "blocks.{0}.msa.norm_{1}.{2}"),
-    (r"blocks\.(\d+)\.streams\.\w+\.mlp\.fc_(in|out)\.(weight|bias)", "blocks.{0}.mlp.proj_{1}.{2}"),
-    (r"final\.\w+\.norm\.(weight|bias)", "txt_out_norm.{0}"),
-    (r"final\.\w+\.ada\.(weight|bias)", "txt_out_ada.out_in.1.{0}"),
-    (r"final\.\w+\.proj\.(weight|bias)", "txt_out.proj.{0}"),
-]
-_DIT_ADA = re.compile(r"blocks\.(\d+)\.streams\.\w+\.ada\.(weight|bias)")
-_ADA_HEADS = (("msa_in", 2), ("msa_out", 1), ("mlp_in", 2), ("mlp_out", 1))  # rows in units of width
-
-
-def released_dit_shapes(model: MMDiT) -> dict[str, tuple[int, ...]]:
-    """{released key: shape} of every weight a released checkpoint must hold for ``model``."""
-    width = model.config.width
-    out = {}
-    for key, value in model.state_dict().items():
-        shape = tuple(value.shape)
-        if m := _DIT_ADA.fullmatch(key):
-            for head, rows in _ADA_HEADS:
-                out[f"blocks.{m.group(1)}.ada.{head}.1.{m.group(2)}"] = (rows * width, *shape[1:])
-            continue
-        for pattern, template in _DIT_NAMES:
-            if m := re.fullmatch(pattern, key):
-                out[template.format(*m.groups())] = shape
-                break
-        else:
-            raise ValueError(f"no released name for MMDiT weight {key!r}")
-    return out
-
-
 def _read_config(folder: Path) -> dict:
     path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"released checkpoint file not found: {path}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e.msg})") from e
 
 
-def load_released_prior(folder: str | os.PathLike, **overrides) -> MMDiT:
-    """A released ``cola_dit`` folder (single-file or sharded) as an :class:`MMDiT`."""
+def load_released_prior(folder: str | os.PathLike, modality: str = "text", **overrides) -> MMDiT:
+    """A released ``cola_dit`` folder (single-file or sharded) as an :class:`MMDiT` (eval mode);
+    ``overrides``: MMDiT config values (e.g. ``attn_backend="eager"``)."""
     folder = Path(folder)
-    model = MMDiT.from_released_config(_read_config(folder), **overrides)
+    model = dit_from_released_config(_read_config(folder), modality, **overrides)
     state, origin = read_safetensors_folder(folder)
-    _check_weights(released_dit_shapes(model), state, origin, folder, ignore=_ROPE_BUFFER)
-    model.load_state_dict(convert_released_dit_state_dict(state), strict=True)
+    expected = released_dit_shapes(model)
+    ours = {r: o for o in model.state_dict() for r in ours_to_released(o)}
+    _check_weights(expected, state, origin, folder, ignore=ROPE_BUFFER_PATTERN, ours=ours)
+    model.load_state_dict(convert_released_dit_state_dict(state, modality), strict=True)
     return model.eval()
 
 
 def load_released_vae(folder: str | os.PathLike, **overrides) -> TextVAE:
-    """A released ``cola_vae`` folder (single-file or sharded) as a :class:`TextVAE`."""
+    """A released ``cola_vae`` folder (single-file or sharded) as a :class:`TextVAE` (eval mode);
+    the weight names are ours already."""
     folder = Path(folder)
-    model = TextVAE.from_released_config(_read_config(folder), **overrides)
+    model = vae_from_released_config(_read_config(folder), **overrides)
     state, origin = read_safetensors_folder(folder)
     _check_weights({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, origin, folder)
     model.load_state_dict(state, strict=True)
@@ -430,7 +412,6 @@ __all__ = [
     "read_release_record",
     "read_safetensors_folder",
     "release_record",
-    "released_dit_shapes",
     "resolve_pipeline_folder",
     "special_ids",
 ]

@@ -7,8 +7,8 @@ Design choices
   (SD3/flux MMDiT). Only the timestep embedding is shared. In every block each stream computes
   q, k, v for its own tokens; the segments are concatenated (in the model's modality order) and
   ONE attention runs over the joint sequence; its output is split back to the streams. With a
-  single modality this is exactly the released Cola DiT (spec §3), which
-  :func:`load_released_dit` loads.
+  single modality this is exactly the released Cola DiT, whose weights load after the renames of
+  ``prior/checkpoints/released_format.py`` (docs/released-format.md).
 * **Inputs.** ``x`` is a tensor ``(B, L, C)`` for a single-modality model, or a dict
   ``{modality: (B, L_m, C_m)}`` (a subset of the model's modalities). ``timestep``, ``positions``
   and ``valid`` are either tensors over the concatenated sequence ``(B, sum L_m)`` or dicts with
@@ -41,25 +41,20 @@ Design choices
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from safetensors.torch import load_file
 
 from unimodal.attention import BACKENDS, Rotary, apply_rope, attention, rope_inv_freq, rotary
 from unimodal.kv_cache import KVCache
 from unimodal.masks import AttentionMask, block_causal_mask
 
 TIME_FREQ_DIM = 256  # sinusoid width of the timestep embedding (released: fixed)
-RELEASED_ROPE_THETA = 1e4
 
 Tensors = torch.Tensor | dict[str, torch.Tensor]
 
@@ -469,143 +464,3 @@ class MMDiT(ModelMixin, ConfigMixin):
             kv_cache.advance(positions, valid)
         out = {m: self.final[m](h[m], cs[m]) for m in h}  # {m: (B, L_m, C_m)}
         return MMDiTOutput(out if isinstance(x, dict) else out[next(iter(out))])
-
-    # ------------------------------------------------------------------ released checkpoint
-
-    @classmethod
-    def from_released_config(cls, cfg: dict, modality: str = "text", **overrides) -> MMDiT:
-        """Build the model described by a released ``cola_dit`` config.json (spec §2)."""
-        unknown = sorted(set(cfg) - set(_RELEASED_DEFAULTS) - _RELEASED_META_KEYS)
-        if unknown:
-            raise ValueError(f"unknown field {unknown[0]!r} in the released DiT config")
-        if cfg.get("model_type", "cola_dit") != "cola_dit":
-            raise ValueError(f"released config has model_type {cfg['model_type']!r}, expected 'cola_dit'")
-        r = {**_RELEASED_DEFAULTS, **{k: v for k, v in cfg.items() if k in _RELEASED_DEFAULTS}}
-        if r["patch_size"] != 1:
-            raise ValueError(f"released patch_size {r['patch_size']} is not supported (only 1)")
-        if r["emb_dim"] != r["txt_dim"]:
-            raise ValueError(
-                f"released emb_dim {r['emb_dim']} must equal txt_dim {r['txt_dim']} (adaLN input)"
-            )
-        if r["txt_out_channels"] != r["txt_in_channels"]:
-            raise ValueError(
-                f"released txt_out_channels {r['txt_out_channels']} must equal "
-                f"txt_in_channels {r['txt_in_channels']}"
-            )
-        kwargs = dict(
-            modalities=[modality], in_channels=[r["txt_in_channels"]], width=r["txt_dim"], heads=r["heads"],
-            head_dim=r["head_dim"], rope_dim=r["rope_dim"], rope_theta=RELEASED_ROPE_THETA,
-            mlp_ratio=float(r["expand_ratio"]), num_layers=r["num_layers"], block_size=r["block_size"],
-            norm_eps=r["norm_eps"], qk_bias=r["qk_bias"],
-        )  # fmt: skip
-        return cls(**{**kwargs, **overrides})
-
-
-_RELEASED_DEFAULTS = {  # ColaDiTConfig class defaults (spec §2)
-    "txt_in_channels": 16, "txt_out_channels": 16, "txt_dim": 2048, "emb_dim": 2048, "heads": 16,
-    "head_dim": 128, "expand_ratio": 4, "num_layers": 24, "norm_eps": 1e-5, "qk_bias": False,
-    "patch_size": 1, "rope_dim": 96, "block_size": 4,
-}  # fmt: skip
-_RELEASED_META_KEYS = {
-    "architectures",
-    "dtype",
-    "torch_dtype",
-    "transformers_version",
-    "model_type",
-    "_name_or_path",
-}
-
-# released key pattern -> our key template ({m} = modality); regex groups are re-used in order
-_RENAMES = [
-    (r"txt_in\.proj\.(weight|bias)", "embed_in.{m}.{0}"),
-    (r"emb_in\.(proj_in|proj_hid|proj_out)\.(weight|bias)", "time_embed.{0}.{1}"),
-    (r"blocks\.(\d+)\.msa\.proj_qkv\.(weight|bias)", "blocks.{0}.streams.{m}.qkv.{1}"),
-    (r"blocks\.(\d+)\.msa\.proj_out\.(weight|bias)", "blocks.{0}.streams.{m}.proj.{1}"),
-    (r"blocks\.(\d+)\.msa\.norm_(q|k)\.(weight|bias)", "blocks.{0}.streams.{m}.norm_{1}.{2}"),
-    (r"blocks\.(\d+)\.mlp\.proj_(in|out)\.(weight|bias)", "blocks.{0}.streams.{m}.mlp.fc_{1}.{2}"),
-    (r"txt_out_norm\.(weight|bias)", "final.{m}.norm.{0}"),
-    (r"txt_out_ada\.out_in\.1\.(weight|bias)", "final.{m}.ada.{0}"),
-    (r"txt_out\.proj\.(weight|bias)", "final.{m}.proj.{0}"),
-]
-_ADA = r"blocks\.(\d+)\.ada\.(msa_in|msa_out|mlp_in|mlp_out)\.1\.(weight|bias)"
-_ADA_ORDER = ("msa_in", "msa_out", "mlp_in", "mlp_out")  # stacked rows = [shift|scale|gate] x 2
-_ROPE = r"blocks\.(\d+)\.msa\.rope\.rope\.freqs"
-
-
-def _convert(sd: dict[str, torch.Tensor], modality: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Released -> our keys; also returns {our key: released key(s)} for error messages."""
-    out, sources, ada = {}, {}, {}
-    for key, value in sd.items():
-        if match := re.fullmatch(_ROPE, key):
-            expected = rope_inv_freq(2 * value.numel(), RELEASED_ROPE_THETA)
-            if not torch.allclose(value.float().cpu(), expected, rtol=1e-6, atol=0):
-                raise ValueError(
-                    f"released RoPE frequencies {key!r} differ from 1/1e4^(2i/{2 * value.numel()})"
-                )
-            continue
-        if match := re.fullmatch(_ADA, key):
-            block, head, param = match.groups()
-            ada.setdefault((block, param), {})[head] = value
-            continue
-        for pattern, template in _RENAMES:
-            if match := re.fullmatch(pattern, key):
-                new = template.format(*match.groups(), m=modality)
-                out[new], sources[new] = value, key
-                break
-        else:
-            raise ValueError(f"unknown released DiT key {key!r}")
-    for (block, param), heads in ada.items():
-        for head in _ADA_ORDER:
-            if head not in heads:
-                raise ValueError(f"released DiT checkpoint misses key 'blocks.{block}.ada.{head}.1.{param}'")
-        new = f"blocks.{block}.streams.{modality}.ada.{param}"
-        out[new] = torch.cat([heads[h] for h in _ADA_ORDER], dim=0)
-        sources[new] = f"blocks.{block}.ada.{{{','.join(_ADA_ORDER)}}}.1.{param}"
-    return out, sources
-
-
-def convert_released_dit_state_dict(
-    sd: dict[str, torch.Tensor], modality: str = "text"
-) -> dict[str, torch.Tensor]:
-    """Map a released Cola DiT state_dict (spec §3 table) to :class:`MMDiT` keys for one modality.
-
-    The four adaLN heads of each block are stacked into one ``ada`` matrix; the RoPE ``freqs``
-    buffers are checked against the recomputed frequencies and dropped.
-    """
-    return _convert(sd, modality)[0]
-
-
-def _load_strict(model: MMDiT, sd: dict[str, torch.Tensor], sources: dict[str, str]) -> None:
-    expected = model.state_dict()
-    for key in expected:
-        if key not in sd:
-            raise ValueError(f"checkpoint misses the weight for model key {key!r}")
-    for key, value in sd.items():
-        origin = f" (released {sources[key]!r})" if key in sources else ""
-        if key not in expected:
-            raise ValueError(f"checkpoint key {key!r}{origin} has no place in the model")
-        if value.shape != expected[key].shape:
-            raise ValueError(
-                f"shape mismatch for {key!r}{origin}: checkpoint {tuple(value.shape)}, "
-                f"model {tuple(expected[key].shape)}"
-            )
-    model.load_state_dict(sd, strict=True)
-
-
-def load_released_dit(folder: str | Path, modality: str = "text", **overrides) -> MMDiT:
-    """Load a released ``cola_dit`` folder (config.json + model.safetensors) as an :class:`MMDiT`.
-
-    ``overrides`` are extra MMDiT config values (e.g. ``attn_backend="eager"``).
-    """
-    folder = Path(folder)
-    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"released DiT config not found: {config_path}")
-    if not weights_path.is_file():
-        if (folder / "model.safetensors.index.json").is_file():
-            raise ValueError(f"sharded checkpoints are not supported yet: {folder}")
-        raise FileNotFoundError(f"released DiT weights not found: {weights_path}")
-    model = MMDiT.from_released_config(json.loads(config_path.read_text()), modality=modality, **overrides)
-    sd, sources = _convert(load_file(str(weights_path)), modality)
-    _load_strict(model, sd, sources)
-    return model.eval()

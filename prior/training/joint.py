@@ -82,9 +82,8 @@ class JointConfig:
     recon_weight: float = 1.0  # weight of the VAE's Stage-1 objective (recon + BERT + its KL)
     prior_weight: float = 1.0  # weight of the flow-matching loss
     interval_every: int = 100  # interval mode: steps per phase (prior phase first)
-    prior_latents: str = (
-        "mean"  # what the prior generates: "mean" (normalised posterior mode) | "sample" (released)
-    )
+    # which latent the prior learns to generate: "mean" (normalised posterior mode) | "sample" (released)
+    prior_latents: str = "mean"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
