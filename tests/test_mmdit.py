@@ -9,8 +9,12 @@ from safetensors.torch import save_file
 
 from prior.checkpoints.released import load_released_prior as load_released_dit
 from prior.checkpoints.released_format import (
+    DIT_WEIGHTS,
     convert_released_dit_state_dict,
     dit_from_released_config,
+    ours_to_released,
+    released_dit_shapes,
+    released_to_ours,
 )
 from prior.models.mmdit import MMDiT
 from unimodal.attention import rope_inv_freq
