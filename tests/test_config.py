@@ -78,6 +78,18 @@ def test_schema_from_signature_mirrors_init():
     assert model.dim == 3 and model.registered
 
 
+def test_derived_arguments_default_to_none():
+    """``derived`` arguments follow from another part of the run: None in the schema unless given."""
+    schema = schema_from_signature(TinyModel, derived=("widths",))
+    assert schema is not TinyModelConfig and schema_from_signature(TinyModel, ("widths",)) is schema
+    assert (schema().widths, schema().dim) == (None, 8)
+    assert load_config(schema, None, ["widths=[1,2]"]).widths == [1, 2]
+    with pytest.raises(ConfigError, match="bad value for config key 'widths'"):
+        load_config(schema, None, ["widths=oops"])
+    with pytest.raises(TypeError, match="no argument 'depth' to derive"):
+        schema_from_signature(TinyModel, derived=("depth",))
+
+
 def test_schema_needs_defaults():
     class NoDefault:
         def __init__(self, dim: int):

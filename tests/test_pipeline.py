@@ -119,3 +119,69 @@ def test_released_preset_through_the_pipeline(pipe):
     assert out.num_blocks == 2  # whole blocks: 2 * 4 >= 5
     n = len(pipe.tokenizer("the cat sat")["input_ids"])
     assert len(out.token_ids[0]) == 8 - n % 4 and len(out.token_ids[1]) == 8
+
+
+@pytest.mark.parametrize("preset", ["default", "released"])
+def test_call_and_stream_agree_under_each_preset(pipe, preset):
+    """Both run the same streaming path: the same noise gives the same tokens (default and released)."""
+    config = GenerationConfig() if preset == "default" else GenerationConfig.released()
+    config = config.replace(max_new_tokens=7, num_inference_steps=2)
+    prompts = ["the cat sat", "", "a dog ran in the park and"]
+    noise = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(8))  # (B, blocks, bs, d)
+
+    def per_block(k, shape):
+        return noise[:, k]
+
+    full = pipe(prompts, config, noise=per_block)
+    streamed = [[], [], []]
+    for chunk in pipe.stream(prompts, config, noise=per_block):
+        for acc, new in zip(streamed, chunk.token_ids):
+            acc.extend(new)
+    assert streamed == full.token_ids
+    resolved = pipe.resolve_generation_config(config)
+    assert resolved.repetition_penalty == (1.1 if preset == "released" else 1.0)  # one setting for both paths
+
+
+def test_generation_config_is_saved_and_overridable(pipe, tmp_path):
+    pipe.generation_config = GenerationConfig(max_new_tokens=5, guidance_scale=2.0, num_inference_steps=2)
+    try:
+        pipe.save_pretrained(tmp_path)
+    finally:
+        pipe.generation_config = GenerationConfig()
+    assert json.loads((tmp_path / "generation_config.json").read_text())["guidance_scale"] == 2.0
+    loaded = ColaTextPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.generation_config == GenerationConfig(
+        max_new_tokens=5, guidance_scale=2.0, num_inference_steps=2
+    )
+    out = loaded("the cat", generator=torch.Generator().manual_seed(0), output_type="ids")
+    assert len(out.token_ids[0]) <= 5  # the saved max_new_tokens
+    longer = loaded(
+        "the cat", generator=torch.Generator().manual_seed(0), max_new_tokens=9, output_type="ids"
+    )
+    assert len(longer.token_ids[0]) > 5 or pipe.tokenizer.eos_token_id in longer.token_ids[0]
+    with pytest.raises(ValueError, match="unknown generation setting 'released_compat'"):
+        loaded("the cat", released_compat=True)
+    (tmp_path / "generation_config.json").write_text('{"bogus": 1}')
+    with pytest.raises(ValueError, match="unknown generation setting 'bogus'"):
+        ColaTextPipeline.from_pretrained(tmp_path)
+
+
+def test_cli_generation_flags_are_the_config_fields():
+    import dataclasses
+
+    from prior.cli import build_parser, generation_overrides
+
+    parser = build_parser()
+    args = parser.parse_args(
+        ["sample", "ckpt", "--prompt", "x", "--steps", "3", "--no-skip-special-tokens", "--stop-token-ids", "1", "2",
+         "--first-block", "left_pad", "--top-p", "0.5"]
+    )  # fmt: skip
+    assert generation_overrides(args) == {
+        "num_inference_steps": 3, "skip_special_tokens": False, "stop_token_ids": [1, 2], "first_block": "left_pad",
+        "top_p": 0.5,
+    }  # fmt: skip
+    flags = {a.dest for a in parser._subparsers._group_actions[0].choices["sample"]._actions}
+    assert {f.name for f in dataclasses.fields(GenerationConfig)} <= flags
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sample", "ckpt", "--prompt", "x", "--stop-rule", "never"])
