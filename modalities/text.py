@@ -11,7 +11,7 @@ Design choices
   the prior trains on and what the decoder consumes; ``sample=True`` draws a normalised posterior
   sample instead. No ``no_grad`` here: joint training back-propagates through ``encode``.
 * **Positions and blocks.** Positions are 0..N-1 per sample (latent index); block ids are
-  ``position // block_size``, the prior's block size ``B`` of DESIGN §3 (default 16 there, not the
+  ``position // block_size``, the prior's block size ``B`` (docs/design.md §3; default 16, not the
   VAE's own attention block size).
 * **Decoding** runs the VAE decoder on the segment alone (VAE positions 0..N-1, whatever offset the
   segment had in a joint layout), takes greedy token ids on valid latents, drops PAD ids and, by

@@ -30,7 +30,7 @@ TINY_PRIOR = [
     "prior.rope_dim=8",
     "prior.num_layers=1",
 ]
-TINY_PRIOR += ["prior.block_size=4", "flow.block_size=4"]
+TINY_PRIOR += ["prior.block_size=4"]
 
 
 def _error_line(capsys) -> str:

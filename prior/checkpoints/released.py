@@ -1,4 +1,7 @@
-"""Released Cola DLM checkpoints -> :class:`~prior.pipelines.pipeline_cola_text.ColaTextPipeline` (spec §1, §2, §4).
+"""Released Cola DLM checkpoints -> :class:`~prior.pipelines.pipeline_cola_text.ColaTextPipeline`.
+
+The format itself is described in docs/released-format.md; its tables live in
+:mod:`prior.checkpoints.released_format`.
 
 The released model (``ByteDance-Seed/Cola-DLM`` on the HF hub) is laid out as::
 
@@ -17,26 +20,28 @@ Design choices
 * **Strict, one-line errors.** Every weight the model needs must be present with the model's
   shape; nothing else may be present (the DiT's RoPE ``freqs`` buffers are the one exception: they
   are checked against the recomputed frequencies and dropped by
-  :func:`~prior.models.mmdit.convert_released_dit_state_dict`). Messages name the released key and the
+  :func:`~prior.checkpoints.released_format.convert_released_dit_state_dict`). Messages name the released key and the
   file. A shard index that names a key its shard does not hold, a shard file that is missing, a
   folder without ``cola_vae/`` and a tokenizer whose vocabulary is not the VAE's ``vocab_size``
   all fail before anything is built.
 * **Latent normalisation comes across in the VAE config.** ``scaling_factor`` / ``shifting_factor``
   of ``cola_vae/config.json`` become the :class:`~unimodal.text_vae.TextVAE` config fields of the
   same names; ``TextVAE.encode`` applies ``(z - shift) * scale`` and the decoder consumes the
-  normalised latents, never inverted (spec §2), exactly as released.
+  normalised latents, never inverted, exactly as released.
 * **Special ids live in the tokenizer.** The pipeline reads EOS and PAD from the tokenizer's special
-  tokens and adds ``<|im_end|>`` to the stop ids when the vocabulary has it (spec §4: EOS 100257
+  tokens and adds ``<|im_end|>`` to the stop ids when the vocabulary has it (released: EOS 100257
   ``<|endoftext|>``, im_end 100265, pad 100277 ``<|pad|>``). A bare ``tokenizer.json`` carries no
   special-token map; :func:`~unimodal.tokenization.load_tokenizer` takes the conventional token
   strings, and ``eos_token_id`` / ``pad_token_id`` name other tokens explicitly (e.g. the golden
   tiny models: EOS 199, PAD 299). The exported folder's ``tokenizer/tokenizer_config.json``
   records them, so ``from_pretrained`` restores them. For the released 100,278-token vocabulary the
-  ids are checked against spec §4.
+  ids are checked against those.
 * **A record of the conversion**: ``cola_release.json`` at the top of the exported folder (source,
   special ids, normalisation factors, block sizes, the released generation preset). Nothing reads
   it to *configure* the model; ``unimodal eval`` uses its presence to default to the released
-  generation loop (``released_compat``).
+  generation loop.
+* **The pipeline's generation config is the released preset** (``GenerationConfig.released()``,
+  saved as ``generation_config.json``), so a converted checkpoint samples as released by default.
 * The scheduler is ``FlowMatchEulerDiscreteScheduler(shift=1.0)``: the released uniform grid.
 """
 
@@ -276,7 +281,7 @@ def configure_special_tokens(tokenizer, eos_token_id: int | None = None, pad_tok
                 f"tokenizer {tokenizer.name_or_path} has no {role} token; pass {role}_token_id=... "
                 f"(`unimodal convert --{role}-id`)"
             )
-    if size == RELEASED_VOCAB_SIZE:  # the released OLMo 2 vocabulary: the ids are fixed (spec §4)
+    if size == RELEASED_VOCAB_SIZE:  # the released OLMo 2 vocabulary: the ids are fixed
         for role, expected in RELEASED_SPECIAL_IDS.items():
             if getattr(ids, role) != expected:
                 raise ValueError(

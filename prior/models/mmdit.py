@@ -1,4 +1,6 @@
-"""The block-causal MMDiT prior: per-modality weights, one joint attention (DESIGN §3-§5, spec §3).
+"""The block-causal MMDiT prior: per-modality weights, one joint attention.
+
+The design is docs/design.md §3-§5; the released DiT it reproduces, docs/released-format.md §3.
 
 Design choices
 --------------
