@@ -27,6 +27,9 @@ Design choices
   ``N(mean, exp(logvar))`` (for logsnr: ``mean = alpha * mu``, ``logvar = log sigma^2``), so one
   sampler and one KL, ``0.5 * sum(mean^2 + exp(logvar) - 1 - logvar)``, serve both; for logsnr this
   is exactly ``0.5 * sum(alpha^2 mu^2 + sigma^2 - 1 - log sigma^2)``. The mode is ``mean``.
+* **Encoder context** (``encoder_context``): ``block`` (released) lets each latent attend block-causally
+  to the tokens before it; ``token`` lets it see only its own patch, so with patch size 1 every token
+  id has one latent, a fixed table (what the prior's categorical head mixes; an extension).
 * **Latent normalisation, released quirk.** ``normalize(z) = (z - shifting_factor) * scaling_factor``
   is applied after encoding; the decoder consumes normalised latents and the inverse is never
   applied (training and inference alike).
@@ -55,6 +58,7 @@ from unimodal.masks import AttentionMask, block_causal_mask
 
 POSTERIORS = ("diagonal", "logsnr")
 DECODER_LATENTS = ("sample", "mean")  # what the Stage-1 decoder reconstructs from
+ENCODER_CONTEXTS = ("block", "token")  # what each latent's encoder attention sees
 LOGVAR_RANGE = (-30.0, 20.0)  # released DiagonalGaussianDistribution clamp
 
 
@@ -238,6 +242,7 @@ class TextVAE(ModelMixin, ConfigMixin):
         bert_weight: float = 1.0,
         bert_mask_ratio: float = 0.15,
         decoder_latents: str = "sample",
+        encoder_context: str = "block",
         init_std: float = 0.02,
         init_cutoff_factor: float = 3.0,
         attn_backend: str = "sdpa",
@@ -245,6 +250,10 @@ class TextVAE(ModelMixin, ConfigMixin):
         super().__init__()
         if posterior not in POSTERIORS:
             raise ValueError(f"unknown posterior {posterior!r}; expected one of {POSTERIORS}")
+        if encoder_context not in ENCODER_CONTEXTS:
+            raise ValueError(
+                f"unknown encoder_context {encoder_context!r}; expected one of {ENCODER_CONTEXTS}"
+            )
         if decoder_latents not in DECODER_LATENTS:
             raise ValueError(f"unknown decoder_latents {decoder_latents!r}; expected {DECODER_LATENTS}")
         if dim % num_heads or (dim // num_heads) % 2:
@@ -328,7 +337,12 @@ class TextVAE(ModelMixin, ConfigMixin):
             raise ValueError(f"valid shape {tuple(valid.shape)} != input_ids shape {tuple(input_ids.shape)}")
         latent_valid = valid.bool().reshape(b, length // p, p).any(dim=-1)  # (B, N)
         positions = torch.arange(length // p, device=input_ids.device).expand(b, -1)  # (B, N)
-        mask = block_causal_mask(positions, positions, self.config.block_size, latent_valid, latent_valid)
+        own = (
+            positions if self.config.encoder_context == "token" else None
+        )  # token: a latent sees its patch only
+        mask = block_causal_mask(
+            positions, positions, self.config.block_size, latent_valid, latent_valid, q_doc=own, k_doc=own
+        )
         rope = rotary(positions, self._inv_freq(input_ids.device), "neox")
         out = self.encoder(input_ids, rope, mask, self.attn_backend)  # (B, N, 2d | d)
         d = self.config.latent_dim

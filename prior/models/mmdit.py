@@ -56,6 +56,7 @@ from unimodal.attention import BACKENDS, Rotary, apply_rope, attention, rope_inv
 from unimodal.kv_cache import KVCache
 from unimodal.masks import AttentionMask, block_causal_mask
 
+PREDICTIONS = ("velocity", "categorical")
 TIME_FREQ_DIM = 256  # sinusoid width of the timestep embedding (released: fixed)
 
 Tensors = torch.Tensor | dict[str, torch.Tensor]
@@ -63,9 +64,11 @@ Tensors = torch.Tensor | dict[str, torch.Tensor]
 
 @dataclass
 class MMDiTOutput:
-    """``velocity``: (B, L, C) for a tensor input, or {modality: (B, L_m, C_m)} for a dict input."""
+    """``velocity``: (B, L, C) for a tensor input, or {modality: (B, L_m, C_m)} for a dict input;
+    ``logits``: (B, L, V) fp32 of the categorical head (``prediction="categorical"``), else None."""
 
     velocity: Tensors
+    logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -277,9 +280,17 @@ class MMDiT(ModelMixin, ConfigMixin):
         qk_bias: bool = False,
         attn_backend: str = "sdpa",
         adaln_zero_init: bool = True,
+        prediction: str = "velocity",
+        vocab_size: int = 0,
     ):
         super().__init__()
         modalities, in_channels = list(modalities), list(in_channels)
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+        if prediction == "categorical" and (len(modalities) != 1 or vocab_size < 1):
+            raise ValueError(
+                f"prediction='categorical' needs one modality and vocab_size >= 1, got {modalities}, {vocab_size}"
+            )
         if not modalities or len(modalities) != len(in_channels):
             raise ValueError(f"need one in_channels per modality, got {modalities} and {in_channels}")
         for m in modalities:
@@ -298,9 +309,12 @@ class MMDiT(ModelMixin, ConfigMixin):
             MMDiTBlock(modalities, width, heads, head_dim, mlp_hidden, norm_eps, qk_bias, layer=i)
             for i in range(num_layers)
         )
+        out_channels = [vocab_size] if prediction == "categorical" else in_channels
         self.final = nn.ModuleDict(
-            {m: FinalLayer(width, c, norm_eps) for m, c in zip(modalities, in_channels)}
+            {m: FinalLayer(width, c, norm_eps) for m, c in zip(modalities, out_channels)}
         )
+        if prediction == "categorical":  # the latent of every token id (set from the VAE)
+            self.register_buffer("token_latents", torch.zeros(vocab_size, in_channels[0]))
         self._freqs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.gradient_checkpointing = False
         self.initialize_weights()
@@ -465,4 +479,28 @@ class MMDiT(ModelMixin, ConfigMixin):
         if update_cache:
             kv_cache.advance(positions, valid)
         out = {m: self.final[m](h[m], cs[m]) for m in h}  # {m: (B, L_m, C_m)}
+        if self.config.prediction == "categorical":
+            return self._categorical(xs, t, out, isinstance(x, dict))
         return MMDiTOutput(out if isinstance(x, dict) else out[next(iter(out))])
+
+    def set_token_latents(self, table: torch.Tensor) -> None:
+        """The categorical head's latent of every token id, (V, C) (the VAE's latent of each token)."""
+        if self.config.prediction != "categorical":
+            raise ValueError("set_token_latents needs prediction='categorical'")
+        if tuple(table.shape) != tuple(self.token_latents.shape):
+            raise ValueError(
+                f"token latents must be {tuple(self.token_latents.shape)}, got {tuple(table.shape)}"
+            )
+        self.token_latents.copy_(table.detach())
+
+    def _categorical(
+        self, xs: dict[str, torch.Tensor], t: torch.Tensor, out: dict, as_dict: bool
+    ) -> MMDiTOutput:
+        """Logits -> clean estimate ``x0 = softmax(logits) @ token_latents`` -> velocity ``(z_t - x0) / t``
+        (rectified flow: ``z_t = (1 - t) x0 + t eps``). At t = 0 (clean tokens) the velocity is 0."""
+        (m, z_t), logits = next(iter(xs.items())), out[next(iter(xs))].float()  # (B, L, C), (B, L, V)
+        x0 = logits.softmax(-1) @ self.token_latents.float()  # (B, L, C)
+        tt = (t.float() / 1000.0)[..., None]  # (B, L or 1, 1)
+        velocity = torch.where(tt > 0, (z_t.float() - x0) / tt.clamp_min(1e-4), torch.zeros_like(x0))
+        velocity = velocity.to(z_t.dtype)
+        return MMDiTOutput({m: velocity} if as_dict else velocity, logits)

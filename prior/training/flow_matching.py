@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from unimodal.masks import AttentionMask, two_l_mask
 
@@ -288,11 +289,15 @@ class FlowLoss:
     bucket_loss: torch.Tensor  # (K,) mean MSE per t bucket (NaN where empty)
     bucket_baseline: torch.Tensor  # (K,) mean Gaussian baseline per bucket (batch per-channel variance)
     bucket_count: torch.Tensor  # (K,) tokens per bucket
+    ce: torch.Tensor | None = None  # () token cross-entropy of a categorical prior (then ``loss``)
 
     def logs(self, prefix: str = "flow") -> dict[str, torch.Tensor]:
         """Detached scalars for the trainer: the loss and, per non-empty t bucket, the mean MSE and the
         Gaussian baseline (keys ``{prefix}/t0.2-0.4``, ``{prefix}/base_t0.2-0.4``)."""
         out = {f"{prefix}/loss": self.loss.detach()}
+        if self.ce is not None:
+            out[f"{prefix}/ce"] = self.ce.detach()
+            out[f"{prefix}/mse"] = (self.mse * self.loss_mask).sum() / self.loss_mask.sum().clamp_min(1)
         edges, counts = self.bucket_edges, self.bucket_count.tolist()
         for k, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
             if counts[k] > 0:
@@ -337,12 +342,19 @@ def velocity_loss(
     return FlowLoss(loss, mse.detach(), batch.t, mask, edges, bucket_loss, bucket_base, counts)
 
 
-def predict_velocity(prior: nn.Module, batch: TwoLBatch) -> torch.Tensor:
-    """Run the prior on the 2L layout and return the noisy-half velocity (B, N, d)."""
+def predict(prior: nn.Module, batch: TwoLBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the prior on the 2L layout: the noisy-half velocity (B, N, d) and, for a categorical
+    prior, its logits (B, N, V) (else None)."""
     out = prior(
         batch.x, batch.timestep, positions=batch.positions, valid=batch.valid, attn_mask=batch.attn_mask
     )
-    return out.velocity[:, batch.target.shape[1] :]
+    n = batch.target.shape[1]
+    return out.velocity[:, n:], None if out.logits is None else out.logits[:, n:]
+
+
+def predict_velocity(prior: nn.Module, batch: TwoLBatch) -> torch.Tensor:
+    """The noisy-half velocity (B, N, d) of the prior on the 2L layout."""
+    return predict(prior, batch)[0]
 
 
 def flow_matching_loss(
@@ -352,12 +364,27 @@ def flow_matching_loss(
     block_size: int,
     cfg: FlowMatchingConfig,
     generator: torch.Generator | None = None,
+    targets: torch.Tensor | None = None,
 ) -> FlowLoss:
     """One teacher-forcing forward of ``prior`` on ``[z0 ; z_t]`` and the released masked MSE.
 
-    ``block_size``: the prior's (``prior.config.block_size``; ``prior`` may be a functional wrapper)."""
+    ``block_size``: the prior's (``prior.config.block_size``; ``prior`` may be a functional wrapper).
+    A categorical prior (``MMDiT(prediction="categorical")``) is trained instead by the token
+    cross-entropy of its logits against ``targets`` (B, N), the token id of every latent, on the
+    same noisy tokens (CDCD's score interpolation); the velocity MSE stays as a diagnostic."""
     batch = build_2l_batch(z0, valid, block_size, cfg, generator)
-    return velocity_loss(predict_velocity(prior, batch), batch, cfg, z0)
+    velocity, logits = predict(prior, batch)
+    result = velocity_loss(velocity, batch, cfg, z0)
+    if logits is not None:
+        if targets is None or targets.shape != batch.loss_mask.shape:
+            shape = None if targets is None else tuple(targets.shape)
+            raise ValueError(
+                f"a categorical prior needs targets (B, N) = {tuple(batch.loss_mask.shape)}, got {shape}"
+            )
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        mask = batch.loss_mask.flatten()
+        result.ce = result.loss = (ce * mask).sum() / mask.sum().clamp_min(1)
+    return result
 
 
 # ----------------------------------------------------------------------------- diagnostics

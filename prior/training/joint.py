@@ -256,6 +256,8 @@ class ColaModel(nn.Module):
                 encoded = self.vae.encode(input_ids, valid)
                 z0 = self._latents(encoded, generator)
 
+        # a categorical prior learns the token id of every latent (patch size 1: latent j = token j)
+        targets = input_ids if getattr(self.prior.config, "prediction", "velocity") == "categorical" else None
         if train_prior:
             prior = self.prior
         elif z0.requires_grad:  # VAE phase of interval: gradient through the prior, not into it
@@ -265,10 +267,12 @@ class ColaModel(nn.Module):
         if prior is None:
             with torch.no_grad():
                 flow = flow_matching_loss(
-                    self.prior, z0, encoded.valid, self.block_size, self.flow_cfg, generator
+                    self.prior, z0, encoded.valid, self.block_size, self.flow_cfg, generator, targets
                 )
         else:
-            flow = flow_matching_loss(prior, z0, encoded.valid, self.block_size, self.flow_cfg, generator)
+            flow = flow_matching_loss(
+                prior, z0, encoded.valid, self.block_size, self.flow_cfg, generator, targets
+            )
             total = total + cfg.prior_weight * flow.loss
         logs.update(flow.logs("flow"))
         return LossOutput(

@@ -148,9 +148,41 @@ def build_cola_model(cfg: RunConfig, run_dir: Path) -> tuple[ColaModel, PreTrain
     """The Stage-2 model (VAE + prior + frozen reference encoder) and its tokenizer."""
     vae, tokenizer = _stage2_vae(cfg, run_dir)
     kwargs = prior_kwargs(cfg, vae.config.latent_dim)
+    categorical = kwargs["prediction"] == "categorical"
+    if categorical:
+        _check_categorical(cfg, vae)
+        kwargs = _derive({**kwargs, "vocab_size": kwargs["vocab_size"] or None}, "prior", "vocab_size",
+                         vae.config.vocab_size, "the VAE's vocab_size")  # fmt: skip
     torch.manual_seed(cfg.train.seed)
     prior = MMDiT(**kwargs)
+    if categorical:
+        prior.set_token_latents(token_latent_table(vae))
     return ColaModel(vae, prior, cfg.joint, cfg.flow), tokenizer
+
+
+def _check_categorical(cfg: RunConfig, vae: TextVAE) -> None:
+    """A categorical prior mixes a fixed latent per token id: the VAE must give one (token-local
+    encoder, patch size 1), stay fixed, and the prior must generate posterior means."""
+    problems = {
+        "vae encoder_context": (vae.config.encoder_context, "token"),
+        "vae patch_size": (vae.config.patch_size, 1),
+        "joint.mode": (cfg.joint.mode, "fixed_vae"),
+        "joint.prior_latents": (cfg.joint.prior_latents, "mean"),
+    }
+    for name, (value, needed) in problems.items():
+        if value != needed:
+            raise ConfigError(f"prior.prediction=categorical needs {name}={needed!r}, got {value!r}")
+
+
+@torch.no_grad()
+def token_latent_table(vae: TextVAE) -> torch.Tensor:
+    """(V, d): the normalised posterior mean of every token id alone (a token-local encoder's table)."""
+    was_training = vae.training
+    vae.eval()
+    ids = torch.arange(vae.config.vocab_size, device=vae.device)[:, None]  # (V, 1)
+    table = torch.cat([vae.encode(chunk).latents[:, 0].float() for chunk in ids.split(4096)])
+    vae.train(was_training)
+    return table
 
 
 def train_cola(cfg: RunConfig) -> TrainResult:
