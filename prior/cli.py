@@ -1,9 +1,9 @@
 """The ``unimodal`` command line.
 
-    unimodal quickstart                       tiny Stage 1 + Stage 2 on the embedded corpus, then samples
-    unimodal train CONFIG [key=value ...]     train from a YAML run config (task: vae | cola)
+    unimodal quickstart [--baseline ar]       tiny Stage 1 + Stage 2 on the embedded corpus, then samples
+    unimodal train CONFIG [key=value ...]     train from a YAML run config (task: vae | cola | ar)
     unimodal eval-vae CHECKPOINT              held-out reconstruction + robustness curve of a Text VAE
-    unimodal sample CHECKPOINT --prompt ...   generate text with a Cola pipeline
+    unimodal sample CHECKPOINT --prompt ...   generate text with a Cola (or AR baseline) pipeline
     unimodal convert SRC DST                  released Cola DLM checkpoint -> pipeline folder
     unimodal eval CHECKPOINT [--tasks ...]    generative benchmark (released 8 tasks / embedded set)
 
@@ -58,7 +58,8 @@ def cmd_eval_vae(args: argparse.Namespace) -> None:
 
 def load_pipeline(path: str | Path):
     """A ColaTextPipeline from a pipeline folder, a Stage-2 run folder (its newest checkpoint) or a
-    released-layout folder (``cola_dit/``, ``cola_vae/``, ``tokenizer.json``)."""
+    released-layout folder (``cola_dit/``, ``cola_vae/``, ``tokenizer.json``); an ARTextPipeline
+    from an AR baseline run or export (``task: ar``)."""
     from prior.checkpoints.released import load_pipeline as load
 
     return load(path)
@@ -181,12 +182,36 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
     print("== Samples ==")
     print(_samples_report(out / "cola", cola_cfg, args.num_prompts, args.show))
+    if args.baseline == "ar":
+        _quickstart_ar(args, configs, out, common)
+
+
+def _quickstart_ar(args: argparse.Namespace, configs: Path, out: Path, common: list[str]) -> None:
+    """The matched AR baseline from the same Stage-1 run (its tokenizer), with the prior's budget."""
+    from prior.training.recipes import train_ar
+    from prior.training.run_config import load_run_config
+
+    print("== AR baseline (same tokens, data, trainer and budget) ==")
+    ar_cfg = load_run_config(
+        configs / "ar_tiny.yaml",
+        [
+            f"stage1={out / 'vae'}",
+            f"train.output_dir={out / 'ar'}",
+            f"train.max_time_minutes={args.prior_minutes}",
+            *common,
+            *args.ar,
+        ],
+    )
+    train_ar(ar_cfg)
+    print("== AR baseline samples ==")
+    print(_samples_report(out / "ar", ar_cfg, args.num_prompts, args.show))
 
 
 def _samples_report(
-    checkpoint, cfg, num_prompts: int, show: int, args: argparse.Namespace | None = None
+    checkpoint, cfg, num_prompts: int, show: int, args: argparse.Namespace | None = None, out_json=None
 ) -> str:
-    """Samples of held-out prompts with the checkpoint's generation config (+ the flags in ``args``)."""
+    """Samples of held-out prompts with the checkpoint's generation config (+ the flags in ``args``);
+    ``out_json``: also write the figures there."""
     from prior.eval.samples import generation_report
     from unimodal.text_data import load_documents
 
@@ -197,6 +222,12 @@ def _samples_report(
     report = generation_report(
         pipe, train_texts, val_texts, num_prompts=num_prompts, generation_config=config
     )
+    if out_json is not None:
+        import json
+
+        Path(out_json).write_text(
+            json.dumps({"checkpoint": str(checkpoint), **report.as_dict()}, indent=2) + "\n"
+        )
     return report.format(show=show)
 
 
@@ -205,7 +236,7 @@ def cmd_eval_samples(args: argparse.Namespace) -> None:
 
     run_yaml = args.config or _find_run_config(Path(args.checkpoint))
     cfg = load_run_config(run_yaml) if run_yaml else RunConfig()
-    print(_samples_report(args.checkpoint, cfg, args.num_prompts, args.show, args))
+    print(_samples_report(args.checkpoint, cfg, args.num_prompts, args.show, args, args.out))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -288,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the data section")
     p.set_defaults(func=cmd_eval_vae)
 
-    p = sub.add_parser("sample", help="generate text with a Cola pipeline")
-    p.add_argument("checkpoint", help="pipeline folder or Stage-2 run folder")
+    p = sub.add_parser("sample", help="generate text with a Cola (or AR baseline) pipeline")
+    p.add_argument("checkpoint", help="pipeline folder, Stage-2 run folder or AR baseline run folder")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch; '' = unconditional")
     p.add_argument("--stream", action="store_true", help="print text block by block")
     p.add_argument(
@@ -300,12 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser(
-        "eval-samples", help="samples of a Cola pipeline on held-out prompts + quality figures"
+        "eval-samples",
+        help="samples of a Cola (or AR baseline) pipeline on held-out prompts + quality figures",
     )
-    p.add_argument("checkpoint", help="pipeline folder or Stage-2 run folder")
+    p.add_argument("checkpoint", help="pipeline folder, Stage-2 run folder or AR baseline run folder")
     p.add_argument("--config", default=None, help="run YAML for the data section (default: the run's own)")
-    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--show", type=int, default=6, help="samples to print")
+    p.add_argument("--out", default=None, help="also write the figures to this JSON file")
     p.add_argument(
         "--released", action="store_true", help="start from the released preset (GenerationConfig.released())"
     )
@@ -318,7 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior-minutes", type=float, default=9.5, help="Stage-2 wall-clock budget")
     p.add_argument("--vae", action="append", default=[], metavar="KEY=VALUE", help="Stage-1 config override")
     p.add_argument("--cola", action="append", default=[], metavar="KEY=VALUE", help="Stage-2 config override")
-    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument(
+        "--baseline", choices=["none", "ar"], default="none",
+        help="ar: then train the matched autoregressive baseline (configs/text/ar_tiny.yaml) from the same "
+        "Stage-1 run for --prior-minutes and print its samples with the same report (extra time: "
+        "--prior-minutes plus about a minute)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ar", action="append", default=[], metavar="KEY=VALUE", help="AR baseline config override"
+    )
+    p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--show", type=int, default=6, help="samples to print")
     p.add_argument("--eval-batches", type=int, default=None, help="VAE evaluation batches (default: all)")
     p.set_defaults(func=cmd_quickstart)

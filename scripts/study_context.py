@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from prior.cli import load_pipeline  # noqa: E402
+from prior.checkpoints.released import load_cola_pipeline  # noqa: E402
 from prior.training.flow_matching import flow_loss_by_t  # noqa: E402
 from unimodal.text_data import DataConfig, build_text_datasets  # noqa: E402
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="context.png")
     args = parser.parse_args(argv)
 
-    pipe = load_pipeline(args.checkpoint)
+    pipe = load_cola_pipeline(args.checkpoint, "scripts/study_context.py")
     pipe.set_progress_bar_config(disable=True)
     vae, prior = pipe.text_vae.eval(), pipe.prior.eval()
     _, val = build_text_datasets(DataConfig(seq_len=args.seq_len), pipe.tokenizer)

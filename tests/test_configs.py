@@ -26,7 +26,7 @@ def _count(cls, kwargs) -> int:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_loads(path):
     cfg = load_run_config(path)
-    assert cfg.task in ("vae", "cola")
+    assert cfg.task in ("vae", "cola", "ar")
     assert cfg.train.output_dir.startswith("runs/")
 
 
@@ -60,6 +60,7 @@ def test_configs_do_not_repeat_derived_values(path):
         assert cfg.vae.vocab_size is None  # from the tokenizer
     else:
         assert cfg.vae is None and cfg.prior.in_channels is None  # the VAE comes from stage1
+        assert cfg.ar.vocab_size is None  # task: ar: from the Stage-1 tokenizer
 
 
 def test_stage2_rejects_an_unused_vae_section():

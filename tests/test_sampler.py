@@ -317,3 +317,23 @@ def test_bad_inputs_raise(models):
         make_sampler(models, pad_token_id=None, first_block="right_pad").sample([[3, 4, 5]])
     with pytest.raises(ValueError, match="noise"):
         sampler.sample([[3]], noise=[torch.zeros(3, 3)])
+
+
+@torch.no_grad()
+def test_guidance_interval_and_noise_scale(models):
+    prompts, noise = prompts_of([5, 2]), noise_table(2, 3)
+    base = dict(stop_on_eos=False, max_new_tokens=8, guidance_scale=3.0)
+
+    def run(**overrides):
+        return make_sampler(models, **{**base, **overrides}).sample(prompts, noise=lambda k, s: noise[:, k])
+
+    plain, everywhere = run(), run(guidance_interval=[0.0, 1.0])
+    assert all(torch.equal(a, b) for a, b in zip(plain.block_latents, everywhere.block_latents))
+    nowhere, unguided = run(guidance_interval=[0.0, 0.0]), run(guidance_scale=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(nowhere.block_latents, unguided.block_latents))
+    assert nowhere.num_prior_calls == unguided.num_prior_calls  # no unconditional half at all
+    scaled = run(noise_scale=2.0)
+    doubled = make_sampler(models, **base).sample(prompts, noise=lambda k, s: 2 * noise[:, k])
+    assert all(torch.equal(a, b) for a, b in zip(scaled.block_latents, doubled.block_latents))
+    with pytest.raises(ValueError, match="guidance_interval"):
+        GenerationConfig(guidance_interval=[0.8, 0.2])

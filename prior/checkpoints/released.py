@@ -13,7 +13,11 @@ The released model (``ByteDance-Seed/Cola-DLM`` on the HF hub) is laid out as::
 :func:`load_released_pipeline` reads such a folder into a pipeline in memory;
 :func:`convert_released` (``unimodal convert SRC DST``) saves it as a pipeline folder that
 ``ColaTextPipeline.from_pretrained`` loads; :func:`load_pipeline` takes either kind of folder (or a
-Stage-2 run folder) and is what ``unimodal eval`` and the lm-eval adapter use.
+Stage-2 run folder, or an AR baseline run or export: then it returns an ``ARTextPipeline``) and is
+what ``unimodal sample`` / ``eval-samples`` use. The entry points that need a Cola DLM
+(``unimodal eval``, the lm-eval adapter, ``scripts/study_context.py``) call
+:func:`load_cola_pipeline`, which refuses an AR baseline folder with one line before reading a
+weight; :func:`load_ar_pipeline` is the reverse.
 
 Design choices
 --------------
@@ -71,6 +75,8 @@ from prior.checkpoints.released_format import (
 )
 from prior.checkpoints.run_folders import resolve_pipeline_folder
 from prior.models.mmdit import MMDiT
+from prior.pipelines.folders import check_pipeline_class, pipeline_class_name
+from prior.pipelines.pipeline_ar_text import ARTextPipeline
 from prior.pipelines.pipeline_cola_text import ColaTextPipeline
 from prior.sampling.config import GenerationConfig
 from unimodal.text_vae import TextVAE
@@ -383,8 +389,9 @@ def read_release_record(path: str | os.PathLike) -> dict | None:
     return json.loads(record.read_text()) if record.is_file() else None
 
 
-def load_pipeline(path: str | os.PathLike, **released_kwargs) -> ColaTextPipeline:
-    """A pipeline from a released-layout folder, a pipeline folder or a Stage-2 run folder.
+def load_pipeline(path: str | os.PathLike, **released_kwargs) -> ColaTextPipeline | ARTextPipeline:
+    """A pipeline from a released-layout folder, a pipeline folder or a Stage-2 / AR run folder:
+    an :class:`ARTextPipeline` when ``model_index.json`` names it, else a ColaTextPipeline.
 
     ``released_kwargs`` go to :func:`load_released_pipeline` (released folders only). The returned
     pipeline has ``release_record`` set (a dict) when it comes from a released checkpoint, directly
@@ -395,9 +402,36 @@ def load_pipeline(path: str | os.PathLike, **released_kwargs) -> ColaTextPipelin
     if released_kwargs:
         raise ValueError(f"{sorted(released_kwargs)} only apply to released-layout folders, not {path}")
     folder = resolve_pipeline_folder(path)
-    pipe = ColaTextPipeline.from_pretrained(folder)
+    cls = ARTextPipeline if pipeline_class_name(folder) == ARTextPipeline.__name__ else ColaTextPipeline
+    pipe = cls.from_pretrained(folder)
     pipe.release_record = read_release_record(folder)
     return pipe
+
+
+def _load_expecting(path: str | os.PathLike, cls: type, purpose: str | None, **released_kwargs):
+    """:func:`load_pipeline`, after checking that ``path`` holds a ``cls`` (one ValueError line if not)."""
+    if not is_released_folder(path):
+        check_pipeline_class(resolve_pipeline_folder(path), cls.__name__, purpose, shown=path)
+    return load_pipeline(path, **released_kwargs)
+
+
+def load_cola_pipeline(
+    path: str | os.PathLike, purpose: str | None = None, **released_kwargs
+) -> ColaTextPipeline:
+    """:func:`load_pipeline` for the callers that need a Cola DLM: an AR baseline run or export is one
+    ValueError line naming ``path``, what it holds and ``purpose`` (the caller, e.g. ``"unimodal eval"``)."""
+    return _load_expecting(path, ColaTextPipeline, purpose or "load_cola_pipeline", **released_kwargs)
+
+
+def load_ar_pipeline(path: str | os.PathLike, purpose: str | None = None) -> ARTextPipeline:
+    """The reverse of :func:`load_cola_pipeline`: an AR baseline run or export; a Cola DLM folder
+    (released ones included) is one ValueError line."""
+    if is_released_folder(path):
+        raise ValueError(
+            f"{path} is a released Cola DLM checkpoint, but {purpose or 'load_ar_pipeline'} needs "
+            "an autoregressive baseline pipeline (ARTextPipeline, task: ar)"
+        )
+    return _load_expecting(path, ARTextPipeline, purpose or "load_ar_pipeline")
 
 
 __all__ = [
@@ -410,6 +444,8 @@ __all__ = [
     "convert_released",
     "find_released_layout",
     "is_released_folder",
+    "load_ar_pipeline",
+    "load_cola_pipeline",
     "load_pipeline",
     "load_released_pipeline",
     "load_released_prior",

@@ -8,7 +8,8 @@ A run folder, as the trainer writes it::
       checkpoints/step_0001500/        # accelerate state + trainer_state.json + model/
         model/                         # a loadable export of that step: Stage 1 holds
                                        #   text_vae/ + tokenizer/, Stage 2 a whole
-                                       #   ColaTextPipeline folder (model_index.json, prior/, ...)
+                                       #   ColaTextPipeline folder (model_index.json, prior/, ...),
+                                       #   the AR baseline (task: ar) an ARTextPipeline folder
       logs/                            # tensorboard
 
 Design choices
@@ -28,6 +29,7 @@ from pathlib import Path
 
 CHECKPOINTS_DIR = "checkpoints"
 EXPORT_DIR = "model"
+PIPELINE_INDEX = "model_index.json"  # what marks a pipeline export (diffusers' save_pretrained)
 CHECKPOINT_NAME = re.compile(r"step_(\d{7,})")
 
 
@@ -62,11 +64,20 @@ def resolve_export(path: str | os.PathLike, component: str = "text_vae") -> Path
 
 
 def resolve_pipeline_folder(path: str | os.PathLike) -> Path:
-    """A pipeline folder (``model_index.json``) or a Stage-2 run folder's newest pipeline export."""
+    """A pipeline folder (``model_index.json``: Cola or AR baseline), its ``model/``, or the newest
+    pipeline export of a Stage-2 or AR run folder."""
     path = Path(path).expanduser()
-    if (path / "model_index.json").is_file():
-        return path
-    return resolve_export(path, "prior")
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    for folder in (path, path / EXPORT_DIR):
+        if (folder / PIPELINE_INDEX).is_file():
+            return folder
+    exports = [c / EXPORT_DIR for c in list_checkpoints(path) if (c / EXPORT_DIR / PIPELINE_INDEX).is_file()]
+    if not exports:
+        raise FileNotFoundError(
+            f"no pipeline export ({PIPELINE_INDEX}) found in {path} (nor in its {CHECKPOINTS_DIR}/)"
+        )
+    return exports[-1]
 
 
 __all__ = [

@@ -298,11 +298,11 @@ def evaluate_checkpoint(
 
     ``released=None`` means: the released protocol for released checkpoints, else our loop.
     """
-    from prior.checkpoints.released import load_pipeline
+    from prior.checkpoints.released import load_cola_pipeline
 
     names = parse_task_names(tasks)
     items = load_tasks(names, data_dir=data_dir, limit=limit, seed=seed)
-    pipe = load_pipeline(path)
+    pipe = load_cola_pipeline(path, "unimodal eval")  # an AR baseline folder: one ValueError line
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.to(device=device, dtype=dtype)
     if released is None:

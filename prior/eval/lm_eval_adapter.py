@@ -341,9 +341,9 @@ class ColaLM(LM):
         if isinstance(pretrained, ColaTextPipeline):
             pipe = pretrained
         else:
-            from prior.checkpoints.released import load_pipeline
+            from prior.checkpoints.released import load_cola_pipeline
 
-            pipe = load_pipeline(str(pretrained))
+            pipe = load_cola_pipeline(str(pretrained), "the lm-eval adapter (ColaLM)")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.pipe = pipe.to(device=device, dtype=DTYPES.get(dtype))
         self.pipe.set_progress_bar_config(disable=True)

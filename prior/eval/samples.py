@@ -11,14 +11,25 @@ salad). Three figures:
 * **distinct-2**: distinct word bigrams / word bigrams (repetition shows up as a low value);
 * **bigram log-likelihood**: mean per-token log-probability under an add-k smoothed token
   bigram model fit on the training split (fluency of local transitions).
+
+Each figure is pooled over the texts; the spread is the standard error over texts of the
+per-text in-vocabulary fraction (``in_vocab_se``). One more figure judges the *conditioning*:
+
+* **context sensitivity**: continuations of different prompts generated under the *same* noise
+  (every row of the batch gets the same noise block), compared position by position; the figure
+  is the mean share of identical tokens over all prompt pairs. A prior that ignores its history
+  turns the same noise into the same words (high share); real conditioning drives it toward 0.
+  For a pipeline without noise (the AR baseline) the same generator seed plays that role.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,10 +48,11 @@ class QualityFigures:
     distinct2: float  # distinct word bigrams / word bigrams
     bigram_logprob: float  # mean per-token log-likelihood under the training token bigram model
     num_words: int
+    in_vocab_se: float = 0.0  # standard error over texts of the per-text in-vocabulary fraction
 
     def row(self, name: str) -> str:
         return (
-            f"{name:<28} in-vocab {self.in_vocab:.3f}   distinct-2 {self.distinct2:.3f}   "
+            f"{name:<28} in-vocab {self.in_vocab:.3f} +- {self.in_vocab_se:.3f}   distinct-2 {self.distinct2:.3f}   "
             f"bigram logp/token {self.bigram_logprob:7.3f}   ({self.num_words} words)"
         )
 
@@ -75,11 +87,17 @@ class TextQuality:
         for t in texts:
             s, c = self.bigram_logprob(self.tokenizer(t, add_special_tokens=False)["input_ids"])
             logp, n = logp + s, n + c
+        per_text = [sum(w in self.vocab for w in ws) / len(ws) for ws in all_words if ws]
+        se = 0.0
+        if len(per_text) > 1:
+            mean = sum(per_text) / len(per_text)
+            se = math.sqrt(sum((x - mean) ** 2 for x in per_text) / (len(per_text) - 1) / len(per_text))
         return QualityFigures(
             in_vocab=sum(w in self.vocab for w in flat) / max(len(flat), 1),
             distinct2=len(set(bigrams)) / max(len(bigrams), 1),
             bigram_logprob=logp / max(n, 1),
             num_words=len(flat),
+            in_vocab_se=se,
         )
 
     def unigram_texts(self, n: int, tokens_per_text: int, seed: int = 0) -> list[str]:
@@ -102,6 +120,14 @@ class GenerationReport:
     real: QualityFigures
     unigram: QualityFigures
     seconds: float
+    context_sensitivity: float | None = None  # share of identical tokens under shared noise
+
+    def as_dict(self) -> dict:
+        """The figures (not the texts), for tables and JSON."""
+        out = {"context_sensitivity": self.context_sensitivity, "num_prompts": len(self.prompts)}
+        for name in ("generated", "real", "unigram"):
+            out[name] = dataclasses.asdict(getattr(self, name))
+        return out
 
     def format(self, show: int = 4) -> str:
         lines = []
@@ -112,8 +138,13 @@ class GenerationReport:
             self.generated.row("generated continuations"),
             self.real.row("held-out real continuations"),
             self.unigram.row("unigram word salad"),
-            f"generation: {len(self.samples)} prompts in {self.seconds:.1f}s",
         ]
+        if self.context_sensitivity is not None:
+            lines.append(
+                f"context sensitivity (identical tokens across prompts under shared noise; 0 = fully "
+                f"conditioned): {self.context_sensitivity:.3f}"
+            )
+        lines.append(f"generation: {len(self.samples)} prompts in {self.seconds:.1f}s")
         return "\n".join(lines)
 
 
@@ -148,6 +179,7 @@ def generation_report(
     start = time.perf_counter()
     out = pipe(prompts, config, generator=torch.Generator().manual_seed(seed))
     seconds = time.perf_counter() - start
+    sensitivity = context_sensitivity(pipe, prompts[: min(len(prompts), 8)], config, seed)
     quality = TextQuality(train_texts, tok)
     return GenerationReport(
         prompts=prompts,
@@ -157,4 +189,38 @@ def generation_report(
         real=quality.figures(references),
         unigram=quality.figures(quality.unigram_texts(len(prompts), new_tokens, seed=seed)),
         seconds=seconds,
+        context_sensitivity=sensitivity,
     )
+
+
+def shared_noise(seed: int) -> Callable[[int, tuple[int, ...]], torch.Tensor]:
+    """``noise(block, (B, bs, d))`` giving every row the same block noise (drawn from ``seed``, block)."""
+
+    def draw(block: int, shape: tuple[int, ...]) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        return torch.randn(shape[1:], generator=gen).expand(shape).clone()
+
+    return draw
+
+
+def token_identity(rows: Sequence[Sequence[int]]) -> float | None:
+    """Mean over pairs of rows of the share of positions (up to the shorter row) with equal ids."""
+    shares = []
+    for i in range(len(rows)):
+        for j in range(i + 1, len(rows)):
+            n = min(len(rows[i]), len(rows[j]))
+            if n:
+                shares.append(sum(a == b for a, b in zip(rows[i][:n], rows[j][:n])) / n)
+    return sum(shares) / len(shares) if shares else None
+
+
+@torch.no_grad()
+def context_sensitivity(pipe, prompts: Sequence[str], config, seed: int = 0) -> float | None:
+    """The context-sensitivity figure of the module docstring over ``prompts`` (None if < 2 prompts)."""
+    if len(prompts) < 2:
+        return None
+    kwargs = {"generator": torch.Generator().manual_seed(seed)}
+    if "noise" in inspect.signature(pipe.__call__).parameters:  # a diffusion pipeline
+        kwargs = {"noise": shared_noise(seed)}
+    out = pipe(list(prompts), config, output_type="ids", **kwargs)
+    return token_identity(out.token_ids)

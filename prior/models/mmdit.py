@@ -97,7 +97,9 @@ class Conditioning:
     index: torch.Tensor  # (B, T) int64 into table; T = tokens of the segment, or 1 (per sample)
 
     def rows(self, linear: nn.Module) -> torch.Tensor:
-        return linear(self.table)[self.index]  # (B, T, out)
+        # a gather as F.embedding: its backward (a sorted index-add) is ~3x faster on CPU than the
+        # scatter behind tensor[index]
+        return F.embedding(self.index, linear(self.table))  # (B, T, out)
 
 
 def timestep_freqs(dim: int = TIME_FREQ_DIM, max_period: float = 1e4) -> torch.Tensor:

@@ -37,7 +37,10 @@ def pipeline_class_name(folder: str | os.PathLike) -> str | None:
 
 
 def check_pipeline_class(
-    folder: str | os.PathLike, expected: str, purpose: str | None = None, shown: str | os.PathLike | None = None
+    folder: str | os.PathLike,
+    expected: str,
+    purpose: str | None = None,
+    shown: str | os.PathLike | None = None,
 ) -> None:
     """Raise one ValueError line when ``folder`` holds a pipeline other than ``expected`` (a class
     name); folders without ``model_index.json`` pass. ``purpose`` names the caller in the message

@@ -22,7 +22,8 @@ Design choices
 * ``save_pretrained`` / ``from_pretrained`` are diffusers': ``model_index.json`` names each
   component by its module (``unimodal.text_vae.TextVAE``, ``prior.models.mmdit.MMDiT``), so a saved
   pipeline reloads with nothing registered by hand. ``generation_config.json`` is read from a
-  local folder.
+  local folder. A folder that holds another pipeline (the AR baseline's ``ARTextPipeline``) is
+  one ValueError line (:func:`~prior.pipelines.folders.check_pipeline_class`).
 * Prompts are tokenized with the tokenizer's defaults (``add_special_tokens=True``, as the
   released ``Tokenizer.encode(text).ids``). Texts are decoded with ``skip_special_tokens`` from
   the config (the released preset keeps them).
@@ -46,6 +47,7 @@ from diffusers.utils import BaseOutput
 
 from modalities.text import TextModality
 from prior.models.mmdit import MMDiT
+from prior.pipelines.folders import check_pipeline_class
 from prior.sampling.block_sampler import BlockOutput, BlockSampler, NoiseSource, StepState
 from prior.sampling.config import CONFIG_NAME, GenerationConfig
 from unimodal.text_vae import TextVAE
@@ -96,6 +98,7 @@ class ColaTextPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> ColaTextPipeline:
+        check_pipeline_class(pretrained_model_name_or_path, cls.__name__)  # e.g. an AR baseline folder
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         folder = Path(pretrained_model_name_or_path)
         if (folder / CONFIG_NAME).is_file():

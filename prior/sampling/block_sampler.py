@@ -27,6 +27,8 @@ Design choices
   ``v = w (v_c - v_u) + v_u`` with ``w`` per sample; ``w = 1`` for samples whose prefix is empty
   in the first block (released). When every ``w`` of a block is 1 the unconditional half is
   skipped. A block costs ``K`` prior calls + 1 commit (the released loop makes ``2K + 1``).
+  ``guidance_interval=[lo, hi]`` applies guidance only at steps whose noise level is in it (the
+  other steps run the conditional branch alone); ``noise_scale`` scales the initial noise.
 * **First block** when the prompt does not end on a block boundary (``first_block``):
 
   - ``clean_repaint`` (default): the prefix is the prompt's whole blocks; the first block's known
@@ -319,9 +321,8 @@ class BlockSampler:
         """K Euler steps on one block. eps (B, bs, d), positions (B, bs), w (B,). -> (x, prior calls)."""
         cfg, sched = self.config, self.scheduler
         batch, bs, _ = eps.shape
-        guided = bool((w != 1).any())
+        lo, hi = cfg.guidance_interval or (0.0, 1.0)
         alone = torch.arange(bs, device=eps.device).expand(batch, bs)  # unconditional: block alone
-        model_pos = torch.cat((positions, alone)) if guided else positions
         known, mask = pin if pin is not None else (None, None)
         has_pin = mask is not None and bool(mask.any())
         clean = has_pin and cfg.first_block == "clean_repaint"
@@ -330,7 +331,9 @@ class BlockSampler:
         )
         self.set_grid(sched, cfg, eps.device)
         x = eps.clone()
+        any_guidance, sigmas = bool((w != 1).any()), sched.sigmas.tolist()
         for s, t in enumerate(sched.timesteps):
+            guided = any_guidance and lo <= sigmas[s] <= hi  # CFG at this noise level
             tt = torch.full((batch, bs), float(t), device=eps.device)  # (B, bs)
             if clean:
                 x = torch.where(mask[..., None], known, x)
@@ -341,12 +344,13 @@ class BlockSampler:
             t_in = tt if has_pin else tt[:, 0]  # (B, bs), or (B,): one adaLN modulation per sample
             if guided:
                 v_all = self._prior(
-                    torch.cat((x, x)), torch.cat((t_in, t_in)), model_pos, cache, context_free_rows=batch
-                )
+                    torch.cat((x, x)), torch.cat((t_in, t_in)), torch.cat((positions, alone)), cache,
+                    context_free_rows=batch,
+                )  # fmt: skip
                 v_c, v_u = v_all.chunk(2)
                 v = w[:, None, None] * (v_c - v_u) + v_u  # (B, bs, d)
             else:
-                v_c = v = self._prior(x, t_in, model_pos, cache)
+                v_c = v = self._prior(x, t_in, positions, cache)
                 v_u = None
             x_new = sched.step(v, t, x).prev_sample
             if clean:
@@ -383,7 +387,7 @@ class BlockSampler:
             raise ValueError(
                 f"noise for block {block} has shape {tuple(eps.shape)}; expected {shape} or (B*bs, d)"
             )
-        return eps.reshape(shape).to(device=device, dtype=torch.float32)
+        return self.config.noise_scale * eps.reshape(shape).to(device=device, dtype=torch.float32)
 
     # ------------------------------------------------------------------ tokens
 

@@ -53,6 +53,8 @@ class GenerationConfig:
     max_new_tokens: int = 32
     num_inference_steps: int = 16  # K Euler steps per block
     guidance_scale: float = 7.0  # CFG weight w (1 = no guidance, 0 = unconditional)
+    guidance_interval: list[float] | None = None  # [lo, hi]: CFG only at noise levels t in it
+    noise_scale: float = 1.0  # initial noise = noise_scale * eps (a "temperature" of the transport)
     shift: float | None = None  # SD3-style time shift of the grid; None = the scheduler's own
     first_block: str = "clean_repaint"  # one of FIRST_BLOCK_STRATEGIES
     repaint_fraction: float = 0.5  # partial_repaint: fraction of the steps that re-noise known latents
@@ -78,6 +80,15 @@ class GenerationConfig:
         check(self.num_inference_steps >= 1, "num_inference_steps", ">= 1")
         check(self.guidance_scale >= 0, "guidance_scale", ">= 0")
         check(self.shift is None or self.shift > 0, "shift", "> 0 (or None)")
+        check(self.noise_scale > 0, "noise_scale", "> 0")
+        if self.guidance_interval is not None:
+            lo_hi = [float(v) for v in self.guidance_interval]
+            check(
+                len(lo_hi) == 2 and 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0,
+                "guidance_interval",
+                "[lo, hi] in [0, 1]",
+            )
+            self.guidance_interval = lo_hi
         check(self.first_block in FIRST_BLOCK_STRATEGIES, "first_block", f"one of {FIRST_BLOCK_STRATEGIES}")
         check(0.0 <= self.repaint_fraction <= 1.0, "repaint_fraction", "in [0, 1]")
         check(self.temperature >= 0, "temperature", ">= 0")

@@ -3,7 +3,12 @@
 Layout: ``output_dir/checkpoints/step_{N:07d}/`` holds the accelerate state (``save_state``: model
 weights, ``optimizer.bin``, ``scheduler.bin``, one ``random_states_{rank}.pkl`` per process),
 ``trainer_state.json`` (step, epoch, samples consumed in the epoch, tokens seen, process count,
-the trainer config) and ``model/`` (written by the recipe's ``save_model_fn``: a loadable export).
+elapsed training time and the schedule's warmup end, EMA update count, the trainer config), with
+``train.ema_decay`` set ``ema.safetensors`` (the EMA of the trained parameters, by name), and
+``model/`` (written by the recipe's ``save_model_fn``: a loadable export, of the EMA weights when
+the EMA is on). With ``train.optimizer=muon`` the accelerate state holds two optimizers and two
+schedulers (``optimizer.bin`` = AdamW, ``optimizer_1.bin`` = Muon; ``scheduler.bin``,
+``scheduler_1.bin``).
 
 - **Atomic**: a checkpoint is written into ``.tmp-step_N`` and renamed into place, so a
   checkpoint folder is complete or absent; a temporary folder left by a crash is removed by the
@@ -11,8 +16,10 @@ the trainer config) and ``model/`` (written by the recipe's ``save_model_fn``: a
 - **Pruning**: after a save the newest ``keep`` checkpoints are kept (counting the new one).
 - **Validation before anything is written**: a missing or corrupt resume checkpoint (unreadable
   state, missing optimizer/scheduler/weights, truncated safetensors) and a run folder passed where
-  a checkpoint is expected are one-line errors naming the path. RNG states are only required when
-  the process count matches the one that wrote them (another count cannot restore them).
+  a checkpoint is expected are one-line errors naming the path; so is a checkpoint written with
+  another ``train.optimizer`` (its optimizer states cannot be loaded). RNG states are only
+  required when the process count matches the one that wrote them (another count cannot restore
+  them).
 
 Checkpoint folders are listed and named by :mod:`prior.checkpoints.run_folders` (numeric order),
 which the inference side shares.
@@ -26,17 +33,35 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prior.checkpoints.run_folders import checkpoint_name, list_checkpoints
 
 STATE_FILE = "trainer_state.json"
+EMA_FILE = "ema.safetensors"
 
 
-def check_checkpoint(path: str | Path, process_index: int = 0, num_processes: int = 1) -> dict:
-    """Validate a checkpoint folder and return its trainer state; one-line error naming the path."""
+def _numbered(name: str, count: int) -> list[str]:
+    """accelerate's file names for ``count`` optimizers or schedulers: name.bin, name_1.bin, ..."""
+    return [f"{name}.bin" if i == 0 else f"{name}_{i}.bin" for i in range(count)]
+
+
+def check_checkpoint(
+    path: str | Path,
+    process_index: int = 0,
+    num_processes: int = 1,
+    optimizer: str = "adamw",
+    num_optimizers: int = 1,
+) -> dict:
+    """Validate a checkpoint folder and return its trainer state; one-line error naming the path.
+
+    ``optimizer`` / ``num_optimizers``: the resuming run's ``train.optimizer`` and how many
+    optimizers (and schedulers) it prepared; the checkpoint must have been written with the same.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"resume checkpoint not found: {path}")
@@ -51,11 +76,19 @@ def check_checkpoint(path: str | Path, process_index: int = 0, num_processes: in
         raise ValueError(f"corrupt checkpoint {path}: {STATE_FILE} is missing") from None
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"corrupt checkpoint {path}: unreadable {STATE_FILE} ({err})") from None
+    saved_optimizer = (state.get("config") or {}).get("optimizer", "adamw")
+    if saved_optimizer != optimizer:
+        raise ValueError(
+            f"checkpoint {path} was written with train.optimizer={saved_optimizer}; "
+            f"it cannot be resumed with train.optimizer={optimizer}"
+        )
     names = {p.name for p in path.iterdir()}
     required = {
         "model weights": any(n.startswith(("model", "pytorch_model")) for n in names if n != "model"),
-        "optimizer.bin": "optimizer.bin" in names,
-        "scheduler.bin": "scheduler.bin" in names,
+        **{
+            f: f in names
+            for f in _numbered("optimizer", num_optimizers) + _numbered("scheduler", num_optimizers)
+        },
     }
     if state.get("num_processes") == num_processes:  # another process count cannot restore RNG streams
         required[f"random_states_{process_index}.pkl"] = f"random_states_{process_index}.pkl" in names
@@ -71,11 +104,18 @@ def check_checkpoint(path: str | Path, process_index: int = 0, num_processes: in
     return state
 
 
-def resume_target(output_dir: Path, resume: str | None, accelerator: Accelerator) -> tuple[Path, dict] | None:
+def resume_target(
+    output_dir: Path,
+    resume: str | None,
+    accelerator: Accelerator,
+    optimizer: str = "adamw",
+    num_optimizers: int = 1,
+) -> tuple[Path, dict] | None:
     """The checkpoint to resume from and its validated trainer state, or None for a fresh run.
 
     ``resume``: None (fresh; refused when ``output_dir`` already holds checkpoints), ``"latest"``
-    (the newest checkpoint, fresh if none) or a checkpoint path.
+    (the newest checkpoint, fresh if none) or a checkpoint path; ``optimizer`` / ``num_optimizers``
+    as in :func:`check_checkpoint`.
     """
     existing = list_checkpoints(output_dir)
     if resume is None:
@@ -89,7 +129,10 @@ def resume_target(output_dir: Path, resume: str | None, accelerator: Accelerator
         accelerator.print(f"resume='latest': no checkpoint in {output_dir}, starting fresh")
         return None
     target = existing[-1] if resume == "latest" else Path(resume)
-    return target, check_checkpoint(target, accelerator.process_index, accelerator.num_processes)
+    state = check_checkpoint(
+        target, accelerator.process_index, accelerator.num_processes, optimizer, num_optimizers
+    )
+    return target, state
 
 
 def save_checkpoint(
@@ -99,11 +142,13 @@ def save_checkpoint(
     state: dict,
     save_model_fn: Callable[[nn.Module, Path], None] | None = None,
     keep: int | None = None,
+    ema_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``checkpoints/step_{state['step']:07d}`` atomically (temp folder + rename); prune old ones.
 
-    Every process saves its RNG state; the main one writes the model, optimizer and scheduler
-    (accelerate's ``save_state``), ``state`` as ``trainer_state.json`` and ``save_model_fn``'s export.
+    Every process saves its RNG state; the main one writes the model, optimizers and schedulers
+    (accelerate's ``save_state``), ``state`` as ``trainer_state.json``, ``ema_state`` (if any) as
+    ``ema.safetensors`` and ``save_model_fn``'s export.
     """
     acc, step = accelerator, int(state["step"])
     root = output_dir / "checkpoints"
@@ -119,6 +164,8 @@ def save_checkpoint(
         if save_model_fn is not None:
             (tmp / "model").mkdir()
             save_model_fn(acc.unwrap_model(model), tmp / "model")
+        if ema_state is not None:
+            save_file(ema_state, str(tmp / EMA_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         if final.exists():  # a re-run of this step (resumed from an older checkpoint)
             old = root / f".old-{checkpoint_name(step)}"
@@ -141,3 +188,9 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> None:
         accelerator.load_state(str(path))
     except Exception as err:
         raise ValueError(f"cannot load checkpoint {path}: {str(err).splitlines()[0]}") from None
+
+
+def load_ema(path: Path) -> dict[str, torch.Tensor] | None:
+    """The EMA saved in checkpoint ``path`` (CPU tensors by parameter name), None if it has none."""
+    file = path / EMA_FILE
+    return load_file(str(file)) if file.exists() else None

@@ -2,7 +2,10 @@
 
 Stage 1 (``task: vae``) trains the Text VAE on reconstruction + KL + BERT losses; Stage 2
 (``task: cola``) trains the block-causal prior by flow matching jointly with the VAE
-(:mod:`prior.training.joint`), starting from a Stage-1 export (``stage1:``). The run folder it writes is described in :mod:`prior.checkpoints.run_folders`.
+(:mod:`prior.training.joint`), starting from a Stage-1 export (``stage1:``). The matched
+autoregressive baseline (``task: ar``, :mod:`prior.models.ar`) trains by next-token cross-entropy
+with the Stage-1 run's tokenizer, on the same data, in the same trainer. The run folder it writes
+is described in :mod:`prior.checkpoints.run_folders`.
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ import dataclasses
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 from transformers import PreTrainedTokenizerFast
 
 from prior.checkpoints.run_folders import resolve_export
+from prior.models.ar import ARTransformer
 from prior.models.mmdit import MMDiT
+from prior.pipelines.pipeline_ar_text import ARTextPipeline
 from prior.pipelines.pipeline_cola_text import ColaTextPipeline
 from prior.sampling.config import GenerationConfig
 from prior.training.joint import ColaModel, cola_loss_fn
@@ -210,4 +216,75 @@ def train_cola(cfg: RunConfig) -> TrainResult:
     return trainer.train()
 
 
-TRAINERS = {"vae": train_text_vae, "cola": train_cola}
+# ----------------------------------------------------------------------------- the AR baseline
+
+
+def ar_loss_fn(model: ARTransformer, batch: dict[str, torch.Tensor], step: int) -> LossOutput:
+    """Next-token cross-entropy over the valid transitions of ``batch["input_ids"]`` (B, L).
+
+    Called through ``model(...)`` so DDP synchronises gradients."""
+    ids = batch["input_ids"]
+    valid = batch.get("valid")
+    logits = model(ids, valid=valid).logits[:, :-1].float()  # (B, L-1, V): predicts ids[:, 1:]
+    target = ids[:, 1:]
+    keep = torch.ones_like(target, dtype=torch.bool) if valid is None else valid[:, 1:] & valid[:, :-1]
+    ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view_as(target)
+    n = keep.sum().clamp(min=1)
+    loss = (ce * keep).sum() / n
+    with torch.no_grad():
+        acc = ((logits.argmax(dim=-1) == target) & keep).sum() / n
+    return LossOutput(loss=loss, logs={"ce": loss.detach(), "acc": acc}, num_tokens=int(keep.sum()))
+
+
+def save_ar_export(
+    model: ARTransformer,
+    tokenizer: PreTrainedTokenizerFast,
+    generation: GenerationConfig,
+    out_dir: str | Path,
+) -> None:
+    """An ARTextPipeline folder whose ``generation_config.json`` is the run's ``generation:`` section."""
+    pipe = ARTextPipeline(transformer=model, tokenizer=tokenizer)
+    pipe.generation_config = generation
+    pipe.save_pretrained(out_dir)
+
+
+def build_ar_model(cfg: RunConfig) -> tuple[ARTransformer, PreTrainedTokenizerFast]:
+    """The AR baseline and the tokenizer of the Stage-1 run ``cfg.stage1`` (as a Stage-2 run takes it)."""
+    if not cfg.stage1:
+        raise ConfigError(
+            "stage1 (a Stage-1 run folder or export) is required for task: ar: the baseline uses its "
+            "tokenizer, so it sees the same tokens as the Cola runs"
+        )
+    tokenizer = load_tokenizer(resolve_export(cfg.stage1, "text_vae") / "tokenizer")
+    kwargs = dataclasses.asdict(cfg.ar)
+    _derive(kwargs, "ar", "vocab_size", model_vocab_size(tokenizer), "the tokenizer's number of token ids")
+    if cfg.data.seq_len > kwargs["max_seq_len"]:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds ar.max_seq_len={kwargs['max_seq_len']}")
+    torch.manual_seed(cfg.train.seed)
+    return ARTransformer(**kwargs), tokenizer
+
+
+def train_ar(cfg: RunConfig) -> TrainResult:
+    """The matched autoregressive baseline: next-token cross-entropy, same tokens, data and trainer."""
+    run_dir = Path(cfg.train.output_dir)
+    model, tokenizer = build_ar_model(cfg)
+    train_ds, val_ds = build_text_datasets(cfg.data, tokenizer)
+    trainer = Trainer(
+        model,
+        ar_loss_fn,
+        train_ds,
+        val_ds if len(val_ds) else None,
+        cfg.train,
+        save_model_fn=lambda m, d: save_ar_export(m, tokenizer, cfg.generation, d),
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(run_dir / "tokenizer")
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    print(
+        f"AR baseline: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+        f"({cfg.ar.num_layers} layers); data: {len(train_ds)} train rows x {cfg.data.seq_len} tokens"
+    )
+    return trainer.train()
+
+
+TRAINERS = {"vae": train_text_vae, "cola": train_cola, "ar": train_ar}

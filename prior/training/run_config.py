@@ -2,7 +2,7 @@
 
 A run YAML has one section per module, each validated against that module's own config::
 
-    task: vae            # vae (Stage 1) | cola (Stage 2: joint VAE + prior)
+    task: vae            # vae (Stage 1) | cola (Stage 2: joint VAE + prior) | ar (the AR baseline)
     data: ...            # unimodal.text_data.DataConfig
     tokenizer: ...       # unimodal.tokenization.TokenizerConfig
     vae: ...             # unimodal.text_vae.TextVAE.__init__ (its diffusers config); runs that build a VAE
@@ -10,8 +10,11 @@ A run YAML has one section per module, each validated against that module's own 
 
 Stage-2 runs add ``stage1`` (the Stage-1 run or export to start from), ``prior`` (MMDiT),
 ``flow`` (flow matching), ``joint`` (the joint-training mode) and ``generation`` (samples printed at
-the end). Loading goes through :func:`unimodal.config.load_config`: unknown keys, wrong types and
-missing files are one-line :class:`~unimodal.config.ConfigError`s.
+the end). The matched autoregressive baseline (``task: ar``) reads ``stage1`` (its tokenizer only,
+so both systems see identical tokens), ``ar`` (:class:`~prior.models.ar.ARTransformer`, its
+``vocab_size`` derived from the tokenizer) and ``generation``. Loading goes through
+:func:`unimodal.config.load_config`: unknown keys, wrong types and missing files are one-line
+:class:`~unimodal.config.ConfigError`s.
 
 Values that must agree are derived, never repeated: ``vae.vocab_size`` comes from the tokenizer,
 ``prior.in_channels`` from the VAE's ``latent_dim``, and the flow layout uses ``prior.block_size``.
@@ -26,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prior.models.ar import ARTransformer
 from prior.models.mmdit import MMDiT
 from prior.sampling.config import GenerationConfig
 from prior.training.flow_matching import FlowMatchingConfig
@@ -36,10 +40,11 @@ from unimodal.text_data import DataConfig
 from unimodal.text_vae import TextVAE
 from unimodal.tokenization import TokenizerConfig
 
-TASKS = ("vae", "cola")
+TASKS = ("vae", "cola", "ar")
 
 TextVAEConfig = schema_from_signature(TextVAE, derived=("vocab_size",))  # from the tokenizer
 MMDiTConfig = schema_from_signature(MMDiT, derived=("in_channels",))  # from the VAE's latent_dim
+ARTransformerConfig = schema_from_signature(ARTransformer, derived=("vocab_size",))  # from the tokenizer
 
 
 @dataclass
@@ -57,6 +62,8 @@ class RunConfig:
     flow: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
     joint: JointConfig = field(default_factory=JointConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # saved in every export
+    # the autoregressive baseline (task: ar); its tokenizer comes from stage1
+    ar: ARTransformerConfig = field(default_factory=ARTransformerConfig)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -64,6 +71,11 @@ class RunConfig:
         if self.builds_vae:
             if self.vae is None:
                 self.vae = TextVAEConfig()
+        elif self.vae is not None and self.task == "ar":
+            raise ConfigError(
+                "vae: is unused by task: ar (it builds no VAE; its tokenizer comes from the Stage-1 run "
+                "named by stage1:); remove the vae: section"
+            )
         elif self.vae is not None:
             raise ConfigError(
                 f"vae: is unused by task: cola with joint.mode={self.joint.mode} (its VAE comes from the "
@@ -74,7 +86,7 @@ class RunConfig:
     @property
     def builds_vae(self) -> bool:
         """Whether this run builds a fresh VAE from ``vae:`` (Stage 1, or Stage 2 from scratch)."""
-        return self.task == "vae" or self.joint.mode == "scratch"
+        return self.task == "vae" or (self.task == "cola" and self.joint.mode == "scratch")
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> RunConfig:

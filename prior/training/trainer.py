@@ -24,11 +24,46 @@ LossOutput``; it knows nothing about VAEs or diffusion. Design choices:
 - **Checkpoints** ``output_dir/checkpoints/step_{N:07d}/`` hold the accelerate state,
   ``trainer_state.json`` and ``model/`` (written by ``save_model_fn``); they are written atomically
   and pruned to the newest ``keep_checkpoints`` (:mod:`prior.training.checkpointing`).
+- **The time budget** (``max_time_minutes``) covers the whole run, resumes included: the elapsed
+  training time (wall clock of ``train()``: steps, validation, checkpoints) is saved in
+  ``trainer_state.json`` and restored, so a run resumed after its budget is spent takes no step
+  (it reports and returns). All processes agree on the elapsed time (the maximum) once per step.
+  The trainer reads one clock (``clock``, default ``time.monotonic``; tests inject a fake one).
+- **The learning-rate schedule** (:mod:`prior.training.optim`): a linear warmup over
+  ``warmup_steps`` optimizer steps, then ``lr_schedule``: ``cosine`` (down to ``min_lr_ratio``) or
+  ``warmdown`` (the released pretraining script: constant, then a linear fall over the last
+  ``warmdown_fraction`` = 65% of the run to ``min_lr_ratio`` = 5% of the peak). Its progress is the
+  post-warmup share of ``max_steps``, and with a time budget the post-warmup share of the budget
+  if that is further on, so the LR reaches its floor when the run stops, whichever limit stops it
+  (a 3000-step cosine cut by a budget at step 860 used to end at 0.86 of the peak). Under a budget
+  the LR depends on the clock, so such runs are not bit-reproducible (a resumed run continues the
+  curve from the saved elapsed time and warmup end); without one the schedule is exactly the
+  step-based warmup-cosine. The LR is a ``LambdaLR`` per optimizer (in the accelerate state).
+- **Optimizer** (``optimizer``): ``adamw`` over every trained parameter, or ``muon``:
+  ``torch.optim.Muon`` for the hidden matrices (2-D ``nn.Linear`` weights inside the model's
+  ``nn.ModuleList`` of blocks) and AdamW for the rest (embeddings, input/output projections,
+  norms, biases, scalars), both prepared by accelerate and saved in every checkpoint, each with
+  its LambdaLR of the same schedule. Muon's peak LR is ``muon_lr`` (None: ``lr``) and its update
+  is scaled to AdamW's RMS by default (``muon_adjust_lr=match_rms_adamw``, so AdamW's LR and weight
+  decay carry over); ``original`` is Keller Jordan's scaling, which wants ``muon_lr`` ~0.02. fp16
+  (a GradScaler over two optimizers) is refused with Muon; use bf16.
+- **EMA** (``ema_decay``; None or 0: off, the raw weights everywhere): an fp32 shadow of the
+  parameters the optimizers update (the ``trainable_parameters`` argument, else every parameter
+  with ``requires_grad``: the prior alone under ``fixed_vae``, prior + VAE under ``joint``; the
+  union over steps of the model's ``trainable_parameters(step)``), updated after every optimizer
+  step, with ``ema_warmup`` at decay ``min(ema_decay, (1 + n) / (10 + n))`` after ``n`` updates.
+  Validation and the export written with every checkpoint (what ``unimodal sample`` loads) use
+  it: the EMA values are **swapped into** the parameters in place for the duration and the raw
+  ones restored bit-exactly (no second model; the training trajectory is the same with the EMA
+  on or off). The accelerate state keeps the raw weights (for resume); the EMA is saved as
+  ``ema.safetensors`` and restored on resume (a checkpoint without one restarts it from the
+  resumed weights). Buffers are not averaged.
 - **Progress bar** (:class:`~prior.training.progress.ProgressBar`): without a time budget it
   counts optimizer steps to ``max_steps`` (its ETA is the time to ``max_steps``). With
-  ``max_time_minutes`` it measures the wall-clock budget: its length is the budget, its ETA the
-  time left in it, and the postfix shows ``step k/max_steps`` (the run stops at whichever limit
-  comes first).
+  ``max_time_minutes`` it measures the wall-clock budget on the trainer's clock, the one the
+  schedule anneals on, counting the time before a resume: its length is the budget, its ETA the
+  time left in it, and the postfix shows ``step k/max_steps`` and the LR (the run stops at
+  whichever limit comes first).
 - **Bad input fails before anything is written**: a fresh run into a folder that holds checkpoints,
   a missing or corrupt resume checkpoint, an invalid config value: one line naming it.
 - **DDP caveat**: under several processes the model is wrapped in DDP, which synchronises gradients
@@ -65,8 +100,18 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subs
 from tqdm import tqdm
 
 from prior.checkpoints.run_folders import checkpoint_name
-from prior.training.checkpointing import load_checkpoint, resume_target, save_checkpoint
-from prior.training.optim import param_groups, warmup_cosine
+from prior.training.checkpointing import load_checkpoint, load_ema, resume_target, save_checkpoint
+from prior.training.optim import (
+    DEFAULT_FLOOR,
+    EMA,
+    LR_SCHEDULES,
+    MUON_ADJUST_LR,
+    OPTIMIZERS,
+    LRSchedule,
+    ScheduleProgress,
+    build_optimizers,
+    partition_parameters,
+)
 from prior.training.outputs import LossFn, TrainResult
 from prior.training.progress import MeanLogs, ProgressBar
 from unimodal.config import ConfigError
@@ -87,11 +132,19 @@ class TrainerConfig:
     eval_batch_size: int | None = None  # None: batch_size
     grad_accum_steps: int = 1
     lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
-    warmup_steps: int = 100  # linear warmup
+    lr_schedule: str = "cosine"  # cosine | warmdown (constant, then linear to the floor)
+    min_lr_ratio: float | None = None  # the LR floor / lr at the end; None: 0.1 cosine, 0.05 warmdown
+    warmdown_fraction: float = 0.65  # warmdown: the last share of the run spent falling to the floor
+    warmup_steps: int = 100  # linear warmup (optimizer steps)
     weight_decay: float = 0.01  # not applied to biases, norms, embeddings, 1-D params
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
+    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
+    muon_lr: float | None = None  # Muon's peak LR; None: lr
+    muon_momentum: float = 0.95
+    muon_adjust_lr: str = "match_rms_adamw"  # match_rms_adamw (AdamW's LR carries over) | original
+    ema_decay: float | None = None  # EMA of the trained weights for validation/exports; None or 0: off
+    ema_warmup: bool = True  # EMA decay min(ema_decay, (1 + n) / (10 + n)) after n updates
     grad_clip: float | None = 1.0  # max global grad norm; None: no clipping
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 is for GPUs)
     eval_every: int = 500  # steps; 0: only at the end
@@ -103,7 +156,7 @@ class TrainerConfig:
     shuffle: bool = True
     resume: str | None = None  # None | "latest" (newest checkpoint, fresh if none) | a checkpoint path
     keep_checkpoints: int | None = 3  # None: keep all
-    max_time_minutes: float | None = None  # wall-clock budget: stop cleanly, save, report
+    max_time_minutes: float | None = None  # the run's wall-clock budget (resumes included)
     find_unused_parameters: bool = False  # DDP: needed when a step leaves parameters unused
     tensorboard: bool = True  # events under output_dir/logs
     progress_bar: bool = True
@@ -120,12 +173,34 @@ class TrainerConfig:
         for name in ("eval_batch_size", "eval_batches", "keep_checkpoints"):
             check(getattr(self, name) is None or getattr(self, name) >= 1, name, "None or >= 1")
         check(self.lr > 0, "lr", "> 0")
-        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+        check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {LR_SCHEDULES}")
+        check(self.min_lr_ratio is None or 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "None or in [0, 1]")
+        check(0 < self.warmdown_fraction <= 1, "warmdown_fraction", "in (0, 1]")
+        check(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}")
+        check(self.muon_lr is None or self.muon_lr > 0, "muon_lr", "None or > 0")
+        check(0 <= self.muon_momentum < 1, "muon_momentum", "in [0, 1)")
+        check(self.muon_adjust_lr in MUON_ADJUST_LR, "muon_adjust_lr", f"one of {MUON_ADJUST_LR}")
+        check(self.ema_decay is None or 0 <= self.ema_decay < 1, "ema_decay", "None or in [0, 1)")
         check(self.weight_decay >= 0, "weight_decay", ">= 0")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "two values in [0, 1)")
         check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "None or > 0")
         check(self.mixed_precision in MIXED_PRECISION, "mixed_precision", f"one of {MIXED_PRECISION}")
         check(self.max_time_minutes is None or self.max_time_minutes > 0, "max_time_minutes", "None or > 0")
+        if self.optimizer == "muon" and self.mixed_precision == "fp16":
+            raise ConfigError(
+                "train.optimizer='muon' does not support train.mixed_precision='fp16' (one GradScaler "
+                "over two optimizers); use bf16"
+            )
+
+    @property
+    def lr_floor(self) -> float:
+        """The LR multiplier the schedule ends at: ``min_lr_ratio``, or the schedule's default."""
+        return DEFAULT_FLOOR[self.lr_schedule] if self.min_lr_ratio is None else self.min_lr_ratio
+
+    @property
+    def budget_s(self) -> float | None:
+        """The time budget in seconds (None: none)."""
+        return None if self.max_time_minutes is None else self.max_time_minutes * 60
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -196,8 +271,12 @@ class Trainer:
         collate_fn: Callable | None = None,
         save_model_fn: Callable[[nn.Module, Path], None] | None = None,
         trainable_parameters: Iterable[nn.Parameter] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
+        """``trainable_parameters``: what the optimizers update (default: every parameter with
+        ``requires_grad``); ``clock``: seconds, for the time budget, the schedule and the bar."""
         self.config = cfg = config if config is not None else TrainerConfig()
+        self._clock = clock
         self.loss_fn, self.save_model_fn, self.collate_fn = loss_fn, save_model_fn, collate_fn
         self.output_dir = Path(cfg.output_dir)
 
@@ -221,8 +300,19 @@ class Trainer:
                 DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
             ],
         )
+        parts = partition_parameters(model, trainable_parameters, muon=cfg.optimizer == "muon")
+        optimizers = build_optimizers(
+            parts,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            betas=tuple(cfg.betas),
+            eps=cfg.eps,
+            muon_lr=cfg.muon_lr,
+            muon_momentum=cfg.muon_momentum,
+            muon_adjust_lr=cfg.muon_adjust_lr,
+        )
         # validates the output folder; nothing is written before this
-        resume = resume_target(self.output_dir, cfg.resume, acc)
+        resume = resume_target(self.output_dir, cfg.resume, acc, cfg.optimizer, len(optimizers))
         set_seed(cfg.seed, device_specific=True)
 
         # Data: map-style datasets go through the seeded EpochSampler; accelerate shards batches.
@@ -247,25 +337,47 @@ class Trainer:
         )
         self.val_loader = self._val_loader(val_dataset)
 
-        groups = param_groups(model, cfg.weight_decay, trainable_parameters)
-        self.params = [p for g in groups for p in g["params"]]
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-        )
-        self.model, self.optimizer, self.scheduler, self.train_loader = acc.prepare(
-            model, optimizer, scheduler, train_loader
-        )
+        self.params = parts.all
+        # The schedule's progress is set before every scheduler step (steps, and the clock under a
+        # budget); the LambdaLR closure reads it, so its state dict holds no function state.
+        self.progress = ScheduleProgress(cfg.warmup_steps, cfg.max_steps, cfg.budget_s)
+        schedule = LRSchedule(cfg.lr_schedule, cfg.warmup_steps, cfg.lr_floor, cfg.warmdown_fraction)
+        schedulers = [
+            torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule.factor(step, self.progress.value))
+            for opt in optimizers
+        ]
+        n = len(optimizers)
+        prepared = acc.prepare(model, *optimizers, *schedulers, train_loader)
+        self.model, self.train_loader = prepared[0], prepared[-1]
+        self.optimizers, self.schedulers = list(prepared[1 : 1 + n]), list(prepared[1 + n : 1 + 2 * n])
         if self.val_loader is not None:
             self.val_loader = acc.prepare(self.val_loader)
+        self.ema = self._new_ema() if cfg.ema_decay else None
 
         self.step = self.epoch = self.samples_into_epoch = self.tokens_seen = 0
+        self.elapsed_s = 0.0  # training time before this train() call (restored on resume)
+        self._start: float | None = None  # clock() when train() started
+        self._last_elapsed = 0.0  # the elapsed time the last step agreed on
         self._pending_tokens = 0  # this process's tokens not yet summed into tokens_seen
         self._trained = False
         if resume is not None:
             self._load_checkpoint(*resume)
 
     # ------------------------------------------------------------------ setup helpers
+
+    def _new_ema(self) -> EMA:
+        """An EMA over the optimised parameters, by name, starting at their current values."""
+        names = {id(p): n for n, p in self.accelerator.unwrap_model(self.model).named_parameters()}
+        return EMA({names[id(p)]: p for p in self.params}, self.config.ema_decay, self.config.ema_warmup)
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """The EMA weights in the model for the duration of the block (the raw ones when it is off)."""
+        if self.ema is None:
+            yield
+        else:
+            with self.ema.applied():
+                yield
 
     def _val_loader(self, dataset: Dataset | None) -> DataLoader | None:
         if dataset is None:
@@ -322,7 +434,8 @@ class Trainer:
             raise RuntimeError("another Trainer was built after this one; train one Trainer at a time")
         if cfg.tensorboard:
             acc.init_trackers("logs", config=_hparams(cfg))
-        start_time = time.monotonic()
+        start_time = self._start = self._clock()
+        self._last_elapsed = self.elapsed_s
         start_tokens = self.tokens_seen
         self._window, self._window_start, self._window_tokens = MeanLogs(), start_time, self.tokens_seen
         train_metrics: dict[str, float] = {}
@@ -330,31 +443,35 @@ class Trainer:
         last_eval, checkpoint, stop_reason = None, None, "max_steps"
         saved = self.output_dir / "checkpoints" / checkpoint_name(self.step)
         last_save = self.step if saved.is_dir() else None  # resumed from this very step
+        if self.step < cfg.max_steps and self._out_of_time():  # resumed with the budget spent
+            stop_reason = "time_budget"
         stream = self._micro_batches()
         disable = not (cfg.progress_bar and acc.is_local_main_process)
-        bar = ProgressBar(cfg.max_steps, cfg.max_time_minutes, self.step, start_time, disable)
+        bar = ProgressBar(
+            cfg.max_steps, cfg.max_time_minutes, self.step, start_time, disable, self.elapsed_s, self._clock
+        )
         self.model.train()
-        while self.step < cfg.max_steps:
+        while stop_reason == "max_steps" and self.step < cfg.max_steps:
             self._optimizer_step(stream)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 train_metrics = self._log_window()
-                bar.advance(self.step, train_metrics["loss"], train_metrics["tokens_per_s"])
+                lr = self.schedulers[0].get_last_lr()[0]
+                bar.advance(self.step, train_metrics["loss"], train_metrics["tokens_per_s"], lr)
             else:
                 bar.advance(self.step)
             if self.val_loader is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
                 val_metrics, last_eval = self._evaluate_and_log(), self.step
             if cfg.save_every and self.step % cfg.save_every == 0:
                 checkpoint, last_save = self.save_checkpoint(), self.step
-            if self.step < cfg.max_steps and self._out_of_time(start_time):
+            if self.step < cfg.max_steps and self._out_of_time():
                 stop_reason = "time_budget"
-                break
         bar.close()
 
         if self.val_loader is not None and last_eval != self.step:
             val_metrics = self._evaluate_and_log()
         if last_save != self.step:
             checkpoint = self.save_checkpoint()
-        wall = time.monotonic() - start_time
+        wall = self._clock() - start_time
         if stop_reason == "time_budget":
             acc.print(f"time budget ({cfg.max_time_minutes} min) reached at step {self.step}/{cfg.max_steps}")
         for tracker in acc.trackers:
@@ -371,7 +488,8 @@ class Trainer:
         )
 
     def _optimizer_step(self, stream: Iterator[Any]) -> None:
-        """``grad_accum_steps`` micro-batches, then one clipped AdamW step and one scheduler step."""
+        """``grad_accum_steps`` micro-batches, then one clipped step of every optimizer, the EMA update,
+        and one step of every scheduler at the progress reached (steps, and the agreed clock)."""
         cfg, acc = self.config, self.accelerator
         for _ in range(cfg.grad_accum_steps):
             batch = next(stream)
@@ -385,17 +503,26 @@ class Trainer:
             raise RuntimeError("gradient accumulation fell out of step with the trainer")
         if cfg.grad_clip is not None:
             self._window.add({"grad_norm": acc.clip_grad_norm_(self.params, cfg.grad_clip)})
-        self._window.add({"lr": self.scheduler.get_last_lr()[0]})
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._window.add({"lr": self.schedulers[0].get_last_lr()[0]})
+        if len(self.schedulers) > 1:
+            self._window.add({"muon_lr": self.schedulers[1].get_last_lr()[0]})
+        for optimizer in self.optimizers:
+            optimizer.step()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
         self.step += 1
+        self._last_elapsed = self._agreed_elapsed()
+        self.progress.update(self.step, self._last_elapsed)
+        for scheduler in self.schedulers:
+            scheduler.step()
 
     def _log_window(self) -> dict[str, float]:
         """Means of the logs since the last call (all processes) + tokens/s; to tensorboard."""
         metrics = self._window.reduce(self.accelerator)
         self._flush_tokens()
-        now = time.monotonic()
+        now = self._clock()
         elapsed = max(now - self._window_start, 1e-9)
         metrics["tokens_per_s"] = (self.tokens_seen - self._window_tokens) / elapsed
         self._window, self._window_start, self._window_tokens = MeanLogs(), now, self.tokens_seen
@@ -406,14 +533,15 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean of the loss function's logs (and ``loss``) over the validation batches, all processes."""
+        """Mean of the loss function's logs (and ``loss``) over the validation batches, all processes,
+        with the EMA weights when the EMA is on."""
         if self.val_loader is None:
             raise ValueError("evaluate() needs a val_dataset")
         cfg, acc = self.config, self.accelerator
         was_training = self.model.training
         self.model.eval()
         logs = MeanLogs()
-        with isolated_rng(_mix(cfg.seed, acc.process_index, 2)):
+        with isolated_rng(_mix(cfg.seed, acc.process_index, 2)), self.ema_weights():
             for i, batch in enumerate(self.val_loader):
                 if cfg.eval_batches is not None and i >= cfg.eval_batches:  # iterable datasets
                     break
@@ -437,15 +565,23 @@ class Trainer:
         self.tokens_seen += int(pending.item())
         self._pending_tokens = 0
 
-    def _out_of_time(self, start_time: float) -> bool:
-        """Over the wall-clock budget? All processes agree, so that they stop at the same step."""
-        if self.config.max_time_minutes is None:
-            return False
-        late = time.monotonic() - start_time >= self.config.max_time_minutes * 60
-        if self.accelerator.num_processes == 1:
-            return late
-        flag = torch.tensor(float(late), device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, "sum").item() > 0)
+    def _elapsed(self) -> float:
+        """Training time of the run so far (this process's clock), resumes included."""
+        return self.elapsed_s if self._start is None else self.elapsed_s + self._clock() - self._start
+
+    def _agreed_elapsed(self) -> float:
+        """The elapsed time, the same on every process under a budget (the maximum): the LR and
+        the stop depend on it, and DDP replicas must apply the same LR and stop at the same step."""
+        elapsed = self._elapsed()
+        if self.config.budget_s is None or self.accelerator.num_processes == 1:
+            return elapsed
+        local = torch.tensor([elapsed], dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.gather(local).max().item())
+
+    def _out_of_time(self) -> bool:
+        """Is the budget spent, at the elapsed time the last step agreed on?"""
+        budget = self.config.budget_s
+        return budget is not None and self._last_elapsed >= budget
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -458,22 +594,50 @@ class Trainer:
             "samples_into_epoch": self.samples_into_epoch,
             "tokens_seen": self.tokens_seen,
             "num_processes": self.accelerator.num_processes,
+            "elapsed_s": self._last_elapsed if self._start is not None else self.elapsed_s,
+            "warmup_end_s": self.progress.warmup_end_s,
+            "ema_updates": None if self.ema is None else self.ema.updates,
             "config": dataclasses.asdict(self.config),
         }
+        export = None
+        if self.save_model_fn is not None:
+
+            def export(model: nn.Module, folder: Path) -> None:
+                with self.ema_weights():
+                    self.save_model_fn(model, folder)
+
         return save_checkpoint(
             self.accelerator,
             self.model,
             self.output_dir,
             state,
-            self.save_model_fn,
+            export,
             self.config.keep_checkpoints,
+            None if self.ema is None else self.ema.state_dict(),
         )
 
     def _load_checkpoint(self, path: Path, state: dict) -> None:
+        """Restore the accelerate state, the counters, the elapsed time and schedule, the EMA."""
         load_checkpoint(self.accelerator, path)
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.samples_into_epoch = int(state["samples_into_epoch"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.elapsed_s = float(state.get("elapsed_s") or 0.0)
+        warmup_end = state.get("warmup_end_s")
+        if warmup_end is None and self.step >= self.config.warmup_steps:  # written before it was saved
+            warmup_end = 0.0
+        self.progress.warmup_end_s = None if warmup_end is None else float(warmup_end)
+        self.progress.update(self.step, self.elapsed_s)
+        if self.ema is not None:
+            saved = load_ema(path)
+            if saved is None:
+                self.accelerator.print(f"{path} holds no EMA: the EMA starts from the resumed weights")
+                self.ema = self._new_ema()
+            else:
+                try:
+                    self.ema.load_state_dict(saved, int(state.get("ema_updates") or 0))
+                except ValueError as err:
+                    raise ValueError(f"cannot load the EMA of checkpoint {path}: {err}") from None
         self.accelerator.print(f"resumed from {path} at step {self.step}")
 
 

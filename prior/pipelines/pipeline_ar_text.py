@@ -1,0 +1,275 @@
+"""A diffusers pipeline for the matched autoregressive baseline: prompt in, continuation out.
+
+Components: ``transformer`` (:class:`~prior.models.ar.ARTransformer`) and ``tokenizer`` (the
+same ``transformers`` fast tokenizer as the Cola runs it is compared with). The surface is
+:class:`~prior.pipelines.pipeline_cola_text.ColaTextPipeline`'s where it makes sense, so the
+sample report, ``unimodal sample`` and ``unimodal eval-samples`` take either pipeline:
+``pipe(prompt, generation_config=None, generator=None, output_type="text", **overrides)``,
+``pipe.stream(...)``, :meth:`resolve_generation_config`, ``generation_config`` (saved as
+``generation_config.json``), ``tokenizer``.
+
+Design choices
+--------------
+* **The project's one generation config and token sampling.**
+  :class:`~prior.sampling.config.GenerationConfig` gives ``max_new_tokens``, ``temperature``,
+  ``top_k``, ``top_p``, ``repetition_penalty``, ``finite_logits``, ``stop_token_ids``,
+  ``stop_on_eos``, ``stop_rule`` and ``skip_special_tokens``; logits go through
+  :mod:`prior.sampling.tokens` and each row's output through the stop rule of
+  :mod:`prior.sampling.stopping`, exactly as in Cola's block sampler with a "block" of one token:
+  the repetition penalty covers the ids generated earlier in the sample (not the prompt), and the
+  output is cut after the first stop id and at ``max_new_tokens``. The fields that only apply to
+  diffusion (``num_inference_steps``, ``guidance_scale``, ``shift``, ``first_block``,
+  ``repaint_fraction``, ``pad_prompt_to_block``, ``whole_blocks``) are ignored.
+* **Every prompt starts a document**: its ids (tokenized with the tokenizer's defaults, as in
+  Cola) follow one EOS, the separator that precedes every document in the packed training rows.
+  So the empty prompt is unconditional generation, as in Cola.
+* **KV-cached and batched.** One prefill of all prompts, left-padded to the longest: pad slots are
+  invalid keys and every row has its own positions ``0..n-1``, so a row of a batch gives its
+  single-prompt result (up to float rounding). Then one cached forward per token over the batch
+  (``update_cache=True`` writes that token's keys); finished rows stop adding output.
+* ``__call__`` is built on the streaming path (both run :meth:`ARTextPipeline._generate`).
+* ``from_pretrained`` of a folder that holds another pipeline (a Cola DLM) is one ValueError line
+  (:func:`~prior.pipelines.folders.check_pipeline_class`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from prior.models.ar import ARTransformer
+from prior.pipelines.folders import check_pipeline_class
+from prior.sampling.config import CONFIG_NAME, GenerationConfig
+from prior.sampling.stopping import RowState, make_stop_rule
+from prior.sampling.tokens import apply_repetition_penalty, finite_logits, sample_tokens
+from unimodal.tokenization import IM_END_TOKEN, check_special_tokens, model_vocab_size
+
+OUTPUT_TYPES = ("text", "ids")
+
+
+@dataclass
+class ARTextPipelineOutput(BaseOutput):
+    """texts: decoded continuations (``output_type="text"``, else None); token_ids: the generated
+    ids per prompt; num_model_calls: forwards of the transformer (prefill included)."""
+
+    texts: list[str] | None
+    token_ids: list[list[int]]
+    num_model_calls: int = 0
+
+
+@dataclass
+class ARTextStreamChunk:
+    """One step of a streamed generation (a block of one token): the new text and ids of every prompt."""
+
+    block: int
+    texts: list[str]
+    token_ids: list[list[int]]
+    finished: list[bool]
+
+
+@dataclass
+class _Step:
+    """What one generation step adds: the new ids per prompt, who has stopped, forwards so far."""
+
+    index: int
+    token_ids: list[list[int]]
+    finished: list[bool]
+    num_model_calls: int
+
+
+class ARTextPipeline(DiffusionPipeline):
+    """Autoregressive text generation with the matched baseline (see the module docstring)."""
+
+    model_cpu_offload_seq = "transformer"
+
+    def __init__(self, transformer: ARTransformer, tokenizer):
+        super().__init__()
+        check_special_tokens(tokenizer)
+        if model_vocab_size(tokenizer) > transformer.config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {model_vocab_size(tokenizer)} ids but the model embeds "
+                f"{transformer.config.vocab_size}"
+            )
+        self.register_modules(transformer=transformer, tokenizer=tokenizer)
+        self.generation_config = GenerationConfig()
+
+    # ------------------------------------------------------------------ files
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        super().save_pretrained(save_directory, **kwargs)
+        self.generation_config.save(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> ARTextPipeline:
+        check_pipeline_class(pretrained_model_name_or_path, cls.__name__)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        folder = Path(pretrained_model_name_or_path)
+        if (folder / CONFIG_NAME).is_file():
+            pipe.generation_config = GenerationConfig.load(folder)
+        return pipe
+
+    # ------------------------------------------------------------------ settings
+
+    def stop_token_ids(self) -> list[int]:
+        """The default stop ids: EOS, and ``<|im_end|>`` when the vocabulary has it."""
+        ids = [self.tokenizer.eos_token_id, self.tokenizer.get_vocab().get(IM_END_TOKEN)]
+        return [i for i in ids if i is not None]
+
+    def check_inputs(self, prompt, output_type: str) -> list[str]:
+        """Validate the call; returns the prompts as a list."""
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if (
+            not isinstance(prompts, (list, tuple))
+            or not prompts
+            or not all(isinstance(p, str) for p in prompts)
+        ):
+            raise ValueError(
+                f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}"
+            )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
+        return list(prompts)
+
+    def resolve_generation_config(
+        self, generation_config: GenerationConfig | None = None, **overrides
+    ) -> GenerationConfig:
+        """The settings of one call: ``generation_config`` (default: the pipeline's) with
+        ``overrides``; stop ids and pad id filled from the tokenizer when None."""
+        base = self.generation_config if generation_config is None else generation_config
+        if not isinstance(base, GenerationConfig):
+            raise TypeError(f"generation_config must be a GenerationConfig, got {type(base).__name__}")
+        config = base.replace(**overrides)
+        fill = {}
+        if config.stop_token_ids is None:
+            fill["stop_token_ids"] = self.stop_token_ids()
+        if config.pad_token_id is None and self.tokenizer.pad_token_id is not None:
+            fill["pad_token_id"] = self.tokenizer.pad_token_id
+        return dataclasses.replace(config, **fill) if fill else config
+
+    # ------------------------------------------------------------------ generation
+
+    def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
+        """EOS + the prompt's ids (tokenizer defaults) per prompt: every prompt starts a document."""
+        ids = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        return [[self.tokenizer.eos_token_id, *row] for row in ids]
+
+    def _generate(
+        self, prompts: list[str], config: GenerationConfig, generator: torch.Generator | None
+    ) -> Iterator[_Step]:
+        """Prefill the prompts, then sample one token per step through the KV cache."""
+        model = self.transformer
+        device, vocab = model.device, model.config.vocab_size
+        rows = self.prompt_ids(prompts)
+        for i, row in enumerate(rows):
+            bad = [t for t in row if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt {i} holds token id {bad[0]} outside the vocabulary [0, {vocab})")
+        batch, longest = len(rows), max(len(r) for r in rows)
+        room = model.config.max_seq_len - longest
+        if room < 1:
+            raise ValueError(
+                f"prompt of {longest - 1} tokens leaves no room in the model maximum of "
+                f"{model.config.max_seq_len} tokens"
+            )
+        pad = config.pad_token_id if config.pad_token_id is not None else self.tokenizer.eos_token_id
+        ids = torch.full((batch, longest), int(pad), dtype=torch.long)  # (B, P), left-padded
+        valid = torch.zeros(batch, longest, dtype=torch.bool)
+        positions = torch.zeros(batch, longest, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, longest - len(row) :] = torch.tensor(row)
+            valid[i, longest - len(row) :] = True
+            positions[i, longest - len(row) :] = torch.arange(len(row))
+        rule = make_stop_rule(
+            config.stop_rule, config.stop_token_ids or [], config.stop_on_eos, config.max_new_tokens,
+            config.whole_blocks,
+        )  # fmt: skip
+        states = [RowState(encode_ids=row, prefix=len(row), pinned=0, trim=0) for row in rows]
+        cache = model.new_kv_cache()
+        out = model(ids.to(device), positions.to(device), valid.to(device), cache, update_cache=True)
+        logits, calls = out.logits[:, -1:].float(), 1  # (B, 1, V): after each row's last prompt token
+        seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+        every = torch.arange(batch, device=device)
+        for step in range(room):
+            if config.finite_logits:
+                logits = finite_logits(logits)
+            logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+            # (B, 1) ids, as Cola's block sampler draws them
+            next_ids = sample_tokens(logits, config.temperature, config.top_k, config.top_p, generator)
+            sampled = next_ids[:, 0].tolist()
+            new = [rule.take(state, [token], 0) for state, token in zip(states, sampled)]
+            seen[every, next_ids[:, 0]] = True
+            yield _Step(step, new, [s.finished for s in states], calls)
+            if rule.done(states, step + 1, 1) or step + 1 == room:
+                break
+            logits = model(next_ids, kv_cache=cache, update_cache=True).logits.float()  # (B, 1, V)
+            calls += 1
+
+    def _decode(self, token_ids: list[list[int]], config: GenerationConfig) -> list[str]:
+        return self.tokenizer.batch_decode(token_ids, skip_special_tokens=config.skip_special_tokens)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        generation_config: GenerationConfig | None = None,
+        generator: torch.Generator | None = None,
+        output_type: str = "text",
+        return_dict: bool = True,
+        **overrides,
+    ) -> ARTextPipelineOutput | tuple:
+        """Generate a continuation of each prompt.
+
+        ``generation_config``: the settings (default: ``self.generation_config``); ``overrides``: any
+        of its fields (``max_new_tokens=64``, ``temperature=0.8``, ...); ``generator`` drives the
+        token draws when sampling. Returns texts (``output_type="text"``) or ids only (``"ids"``).
+        """
+        prompts = self.check_inputs(prompt, output_type)
+        config = self.resolve_generation_config(generation_config, **overrides)
+        token_ids, calls = [[] for _ in prompts], 0
+        with self.progress_bar(total=config.max_new_tokens) as bar:
+            for step in self._generate(prompts, config, generator):
+                bar.update()
+                for acc, new in zip(token_ids, step.token_ids):
+                    acc.extend(new)
+                calls = step.num_model_calls
+        texts = self._decode(token_ids, config) if output_type == "text" else None
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return ({"text": texts, "ids": token_ids}[output_type],)
+        return ARTextPipelineOutput(texts=texts, token_ids=token_ids, num_model_calls=calls)
+
+    @torch.no_grad()
+    def stream(
+        self,
+        prompt: str | list[str],
+        generation_config: GenerationConfig | None = None,
+        generator: torch.Generator | None = None,
+        **overrides,
+    ) -> Iterator[ARTextStreamChunk]:
+        """Yield the new text of every prompt token by token (same settings and ids as ``__call__``).
+
+        The text of a step is the difference between the decoded text after and before it, so
+        multi-byte characters split over tokens come out whole."""
+        prompts = self.check_inputs(prompt, "text")
+        config = self.resolve_generation_config(generation_config, **overrides)
+        token_ids = [[] for _ in prompts]
+        texts = ["" for _ in prompts]
+        for step in self._generate(prompts, config, generator):
+            new_texts = ["" for _ in prompts]
+            for i, new in enumerate(step.token_ids):
+                if new:
+                    token_ids[i].extend(new)
+                    full = self._decode([token_ids[i]], config)[0]
+                    new_texts[i] = full[len(texts[i]) :] if full.startswith(texts[i]) else full
+                    texts[i] = full
+            yield ARTextStreamChunk(step.index, new_texts, step.token_ids, step.finished)
+
+
+__all__ = ["ARTextPipeline", "ARTextPipelineOutput", "ARTextStreamChunk"]
