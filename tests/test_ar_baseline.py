@@ -296,3 +296,31 @@ def test_ar_run_config_errors(ar_run, capsys):
     assert main(bad) == 2
     assert "ar.vocab_size=7 disagrees with the tokenizer" in _error_line(capsys)
     assert not (ar_run / "x").exists() and not (ar_run / "y").exists()
+
+
+def test_quickstart_with_the_ar_baseline(tmp_path, capsys):
+    """``unimodal quickstart --baseline ar`` at tiny sizes: Cola samples, then the AR baseline's."""
+    data = [f"--{stage}={kv}" for stage in ("vae", "cola", "ar") for kv in TINY_DATA + TINY_TRAIN]
+    vae = ["tokenizer.vocab_size=300", "vae.dim=32", "vae.ffn_dim=64", "vae.num_heads=2"]
+    vae += ["vae.encoder_num_blocks=1", "vae.decoder_num_blocks=1"]
+    prior = ["prior.width=32", "prior.heads=2", "prior.head_dim=16", "prior.rope_dim=8", "prior.num_layers=1"]
+    args = ["quickstart", f"--output-dir={tmp_path}", "--baseline=ar", "--num-prompts=2", "--show=1"]
+    args += ["--eval-batches=1", *data, *(f"--vae={kv}" for kv in vae), *(f"--cola={kv}" for kv in prior)]
+    args += [
+        *(f"--ar={kv}" for kv in TINY_AR),
+        "--cola=generation.max_new_tokens=8",
+        "--cola=generation.num_inference_steps=2",
+    ]
+    args += ["--ar=generation.max_new_tokens=8"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "== AR baseline samples ==" in out and out.count("generated continuations") == 2
+    assert isinstance(load_pipeline(tmp_path / "ar"), ARTextPipeline)
+
+
+def test_ar_tiny_mirrors_cola_tiny():
+    """Same data, batch size, LR schedule, precision and time budget as the Cola run it is measured against."""
+    cola, ar = load_run_config(TEXT / "cola_tiny.yaml"), load_run_config(AR_YAML)
+    assert ar.data == cola.data and ar.stage1 == cola.stage1
+    assert dataclasses.replace(ar.train, output_dir=cola.train.output_dir) == cola.train
+    assert ar.generation.max_new_tokens == cola.generation.max_new_tokens

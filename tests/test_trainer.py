@@ -1,5 +1,6 @@
 """The model-agnostic trainer on a toy next-token model: learning, exact resume, accumulation, bf16,
-checkpoint layout/atomicity/pruning, tensorboard, bad input, and a 2-process torchrun run."""
+checkpoint layout/atomicity/pruning, tensorboard, bad input, a 2-process torchrun run, and the
+training hygiene: the LR schedule on a (simulated) time budget, the EMA, AdamW / Muon."""
 
 from __future__ import annotations
 
@@ -22,7 +23,14 @@ from torch.utils.data import IterableDataset
 
 from prior.checkpoints.run_folders import list_checkpoints
 from prior.training.checkpointing import check_checkpoint
-from prior.training.optim import param_groups, warmup_cosine
+from prior.training.optim import (
+    EMA,
+    LRSchedule,
+    ScheduleProgress,
+    param_groups,
+    partition_parameters,
+    warmup_cosine,
+)
 from prior.training.outputs import LossOutput, TrainResult
 from prior.training.progress import ProgressBar
 from prior.training.trainer import EpochSampler, Trainer, TrainerConfig
@@ -83,13 +91,50 @@ def config(out: Path, **kw) -> TrainerConfig:
     return TrainerConfig(**{**base, **kw})
 
 
+class BlockLM(ToyLM):
+    """ToyLM with a stack of residual MLP blocks in an nn.ModuleList (hidden matrices for Muon)."""
+
+    def __init__(self, dim: int = 16, dropout: float = 0.1, depth: int = 2):
+        super().__init__(dim, dropout)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+            for _ in range(depth)
+        )
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.proj(self.drop(self.embed(ids)))
+        for block in self.blocks:
+            h = h + block(h)
+        self.hidden_dtype = h.dtype
+        return self.head(self.norm(h))
+
+
 def make_trainer(
-    out: Path, data_size: int = 20, dropout: float = 0.1, val: bool = False, loss_fn=lm_loss, **kw
+    out: Path,
+    data_size: int = 20,
+    dropout: float = 0.1,
+    val: bool = False,
+    loss_fn=lm_loss,
+    model_cls: type[nn.Module] = ToyLM,
+    clock=time.monotonic,
+    save_model_fn=None,
+    trainable=None,
+    **kw,
 ):
     torch.manual_seed(0)
-    model = ToyLM(dropout=dropout)
+    model = model_cls(dropout=dropout)
     val_ds = make_data(8, seed=1) if val else None
-    return Trainer(model, loss_fn, make_data(data_size), val_ds, config(out, **kw))
+    params = None if trainable is None else trainable(model)
+    return Trainer(
+        model,
+        loss_fn,
+        make_data(data_size),
+        val_ds,
+        config(out, **kw),
+        save_model_fn=save_model_fn,
+        trainable_parameters=params,
+        clock=clock,
+    )
 
 
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -162,11 +207,21 @@ def test_progress_bar_shows_the_time_budget_when_one_is_set():
     budget = ProgressBar(
         max_steps=10_000, max_time_minutes=2.0, step=10, start_time=time.monotonic() - 30, disable=False
     )
-    budget.advance(11, loss=1.5, tokens_per_s=100.0)
+    budget.advance(11, loss=1.5, tokens_per_s=100.0, lr=1e-3)
     assert budget.bar.total == 120 and 30 <= budget.bar.n < 40  # seconds of the 2-minute budget
     shown = str(budget.bar)
     assert "2 min budget" in shown and "step=11/10000" in shown and "loss=1.5000" in shown
+    assert "lr=0.001" in shown
     budget.close()
+    # resumed: the bar counts the run's time before the resume, on the trainer's clock
+    resumed = ProgressBar(
+        max_steps=100, max_time_minutes=2.0, step=5, start_time=10.0, disable=False,
+        elapsed_before_s=60.0, clock=lambda: 25.0,
+    )  # fmt: skip
+    assert resumed.bar.n == 60
+    resumed.advance(6)
+    assert resumed.bar.n == 75 and "| 01:00<" in str(resumed.bar)  # tqdm's elapsed counts the 60 s too
+    resumed.close()
 
 
 # ----------------------------------------------------------------------------- training
@@ -393,6 +448,333 @@ def test_config_values_are_validated(tmp_path):
         make_trainer(tmp_path, data_size=3)
 
 
+# ----------------------------------------------------------------------------- LR schedule
+
+
+class FakeClock:
+    """The trainer's clock, advanced by hand (by the loss function: ``seconds`` per micro-batch)."""
+
+    def __init__(self, t: float = 0.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def instrument(trainer: Trainer, clock: FakeClock | None = None, seconds: float = 10.0, crash_at=None):
+    """Wrap the trainer's loss: record the LR of every step (both optimizers), tick the clock."""
+    lrs: list[tuple[float, ...]] = []
+    base = trainer.loss_fn
+
+    def loss_fn(model, batch, step):
+        if step == crash_at:
+            raise Preempted
+        if model.training:
+            lrs.append(tuple(opt.param_groups[0]["lr"] for opt in trainer.optimizers))
+        if clock is not None:
+            clock.t += seconds
+        return base(model, batch, step)
+
+    trainer.loss_fn = loss_fn
+    return lrs
+
+
+def test_lr_schedule_shapes():
+    cosine = LRSchedule("cosine", warmup_steps=4, floor=0.1)
+    reference = warmup_cosine(warmup_steps=4, max_steps=20, min_lr_ratio=0.1)
+    assert [cosine.factor(s, (s - 4) / 16) for s in range(4, 21)] == [reference(s) for s in range(4, 21)]
+    warmdown = LRSchedule("warmdown", warmup_steps=4, floor=0.05, warmdown_fraction=0.65)
+    assert [warmdown.factor(s, 0.0) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert warmdown.factor(10, 0.0) == warmdown.factor(10, 0.35) == 1.0  # constant for the first 35%
+    assert warmdown.factor(10, 0.675) == pytest.approx((1 + 0.05) / 2)  # linear: half-way down
+    assert warmdown.factor(10, 1.0) == pytest.approx(0.05) and warmdown.factor(10, 2.0) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="one of"):
+        LRSchedule("linear", 0, 0.1)
+
+
+def test_schedule_progress_by_steps_or_by_time():
+    by_steps = ScheduleProgress(warmup_steps=2, max_steps=10, budget_s=None)
+    assert [by_steps.update(s, elapsed_s=1e9) for s in (1, 2, 6, 10)] == [0.0, 0.0, 0.5, 1.0]
+    by_time = ScheduleProgress(warmup_steps=2, max_steps=1000, budget_s=100.0)
+    assert by_time.update(1, 5.0) == 0.0 and by_time.warmup_end_s is None
+    assert by_time.update(2, 20.0) == 0.0 and by_time.warmup_end_s == 20.0  # warmup ended at 20 s
+    assert by_time.update(3, 60.0) == pytest.approx(0.5)  # (60 - 20) / (100 - 20)
+    assert by_time.update(4, 100.0) == 1.0 and by_time.update(5, 150.0) == 1.0
+    assert ScheduleProgress(2, 10, budget_s=1e9).update(6, 30.0) == 0.5  # steps further on: steps
+
+
+@pytest.mark.parametrize("schedule, floor", [("cosine", 0.1), ("warmdown", 0.05)])
+def test_schedule_reaches_its_floor_at_the_time_budget(tmp_path, schedule, floor):
+    clock = FakeClock()
+    trainer = make_trainer(
+        tmp_path, clock=clock, max_steps=1000, max_time_minutes=1.0, lr_schedule=schedule, warmup_steps=2
+    )
+    lrs = instrument(trainer, clock, seconds=10.0)  # 10 s per step: the 60 s budget ends at step 6
+    result = trainer.train()
+    assert result.stop_reason == "time_budget" and result.step == 6
+    # warmup by steps, then the progress is the share of the budget after warmup (ended at 20 s)
+    shape = LRSchedule(schedule, warmup_steps=2, floor=floor)
+    expected = [0.5, 1.0] + [shape.factor(s, (10 * s - 20) / 40) for s in range(2, 6)]
+    assert [lr for (lr,) in lrs] == pytest.approx([1e-2 * f for f in expected])
+    assert trainer.schedulers[0].get_last_lr()[0] == pytest.approx(1e-2 * floor)  # the floor, at the budget
+    state = json.loads((tmp_path / "checkpoints" / "step_0000006" / "trainer_state.json").read_text())
+    assert state["elapsed_s"] == 60.0 and state["warmup_end_s"] == 20.0
+
+
+def test_step_based_schedule_is_unchanged(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=8, warmup_steps=2)  # no budget: steps only
+    lrs = instrument(trainer)
+    trainer.train()
+    reference = warmup_cosine(warmup_steps=2, max_steps=8, min_lr_ratio=0.1)  # the schedule of before
+    assert [lr for (lr,) in lrs] == [1e-2 * reference(s) for s in range(8)]
+    assert trainer.schedulers[0].get_last_lr()[0] == pytest.approx(1e-3)
+
+
+def test_time_budget_resume_continues_the_schedule(tmp_path):
+    kw = dict(max_steps=1000, max_time_minutes=1.0, warmup_steps=2, save_every=3, lr_schedule="warmdown")
+    clock = FakeClock()
+    full = make_trainer(tmp_path / "full", clock=clock, **kw)
+    full_lrs = instrument(full, clock)
+    full.train()
+
+    run = tmp_path / "run"
+    clock = FakeClock()
+    first = make_trainer(run, clock=clock, **kw)
+    instrument(first, clock, crash_at=4)
+    with pytest.raises(Preempted):  # killed in step 4, after the step-3 checkpoint (30 s elapsed)
+        first.train()
+    clock = FakeClock(t=5000.0)  # another process, another clock origin
+    second = make_trainer(run, clock=clock, resume="latest", **kw)
+    assert second.step == 3 and second.elapsed_s == 30.0
+    second_lrs = instrument(second, clock)
+    result = second.train()
+    assert result.step == 6 and result.stop_reason == "time_budget"
+    assert second_lrs == full_lrs[3:]  # the same curve: the budget counts the time before the resume
+    ref, got = weights(full), weights(second)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+    # resumed once more with the budget spent: no step, it reports and returns
+    third = make_trainer(run, clock=FakeClock(), resume="latest", **kw)
+    third_lrs = instrument(third)
+    again = third.train()
+    assert (again.step, again.stop_reason, third_lrs) == (6, "time_budget", [])
+
+
+# ----------------------------------------------------------------------------- EMA
+
+
+def test_ema_update_formula_and_swap():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    params = dict(model.named_parameters())
+    start = {k: v.detach().clone() for k, v in params.items()}
+    ema = EMA(params, decay=0.9, warmup=False)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update()
+    assert torch.allclose(ema.shadow[0], 0.9 * start["weight"] + 0.1 * (start["weight"] + 1))
+    assert torch.equal(ema.shadow[1], start["bias"])  # an unchanged parameter keeps its average
+    raw = model.weight.detach().clone()
+    with ema.applied():
+        assert torch.equal(model.weight, ema.shadow[0])
+    assert torch.equal(model.weight, raw)  # the raw values come back bit-exactly
+    # warmup: decay min(decay, (1 + n) / (10 + n)) after n updates
+    warm = EMA(params, decay=0.5, warmup=True)
+    decays = []
+    for _ in range(3):
+        decays.append(warm.current_decay())
+        warm.update()
+    assert decays == pytest.approx([1 / 10, 2 / 11, 3 / 12])
+    warm.updates = 100
+    assert warm.current_decay() == 0.5  # capped at ema_decay
+
+
+def _export(exports: dict[int, dict[str, torch.Tensor]]):
+    def save_model(model: nn.Module, path: Path) -> None:
+        exports[len(exports)] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        torch.save(model.state_dict(), path / "weights.pt")
+
+    return save_model
+
+
+def test_ema_is_used_for_validation_and_export(tmp_path):
+    from safetensors.torch import load_file
+
+    kw = dict(val=True, max_steps=6, eval_every=3, ema_decay=0.9, ema_warmup=False)
+    exports: dict[int, dict[str, torch.Tensor]] = {}
+    trainer = make_trainer(tmp_path / "ema", save_model_fn=_export(exports), **kw)
+    result = trainer.train()
+    ema = trainer.ema.state_dict()
+    raw = weights(trainer)
+    exported = torch.load(tmp_path / "ema/checkpoints/step_0000006/model/weights.pt")
+    assert set(ema) == set(raw) and all(torch.equal(exported[k], ema[k]) for k in ema)
+    assert not torch.allclose(exported["head.weight"], raw["head.weight"])  # the EMA is not the weights
+    saved = load_file(tmp_path / "ema/checkpoints/step_0000006/ema.safetensors")
+    assert all(torch.equal(saved[k], ema[k]) for k in ema)
+
+    # validation saw the EMA weights: the same loss as a raw-weights trainer holding the EMA values
+    plain = make_trainer(tmp_path / "plain", val=True, max_steps=6)
+    plain.accelerator.unwrap_model(plain.model).load_state_dict(exported)
+    assert plain.evaluate() == result.val_metrics
+    # the EMA only observes: the raw weights are those of a run without it (swaps restored exactly)
+    off = make_trainer(
+        tmp_path / "off", save_model_fn=_export(exports_off := {}), **{**kw, "ema_decay": None}
+    )
+    off.train()
+    assert off.ema is None and all(torch.equal(raw[k], v) for k, v in weights(off).items())
+    assert all(
+        torch.equal(exports_off[max(exports_off)][k], v) for k, v in weights(off).items()
+    )  # off: the raw weights
+    assert make_trainer(tmp_path / "zero", ema_decay=0.0).ema is None  # 0 is off too
+
+
+def test_ema_covers_the_trained_parameters_only(tmp_path):
+    trainer = make_trainer(tmp_path, trainable=lambda m: m.head.parameters(), ema_decay=0.9)
+    assert trainer.ema.names == ["head.weight", "head.bias"]
+
+    def frozen_embed(model):
+        model.embed.requires_grad_(False)  # like the VAE under fixed_vae
+        return None
+
+    frozen = make_trainer(tmp_path / "frozen", trainable=frozen_embed, ema_decay=0.9)
+    assert "embed.weight" not in frozen.ema.names and "proj.weight" in frozen.ema.names
+
+
+def test_resume_restores_the_ema(tmp_path):
+    kw = dict(max_steps=6, save_every=3, ema_decay=0.99)  # with the warmup ramp
+    full = make_trainer(tmp_path / "full", **kw)
+    full.train()
+    run = tmp_path / "run"
+    with pytest.raises(Preempted):
+        first = make_trainer(run, **kw)
+        instrument(first, crash_at=4)
+        first.train()
+    second = make_trainer(run, resume="latest", **kw)
+    assert second.step == 3 and second.ema.updates == 3
+    second.train()
+    assert second.ema.updates == full.ema.updates == 6
+    assert all(torch.equal(a, b) for a, b in zip(full.ema.shadow, second.ema.shadow))
+    # a checkpoint without an EMA: the EMA restarts from the resumed weights
+    plain = make_trainer(tmp_path / "plain", max_steps=3)
+    plain.train()
+    late = make_trainer(tmp_path / "plain", resume="latest", **{**kw, "max_steps": 4})
+    assert late.ema.updates == 0
+    assert all(torch.equal(s, p.detach()) for s, p in zip(late.ema.shadow, late.ema.params))
+
+
+# ----------------------------------------------------------------------------- AdamW / Muon
+
+
+def test_muon_partition_hidden_matrices():
+    model = BlockLM()
+    parts = partition_parameters(model, muon=True)
+    hidden = [b[i].weight for b in model.blocks for i in (1, 3)]
+    assert {id(p) for p in parts.muon} == {id(p) for p in hidden}
+    assert {id(p) for p in parts.decay} == {id(model.proj.weight), id(model.head.weight)}  # in/out layers
+    assert len(parts.no_decay) == 5 + 2 * 4  # ToyLM's; per block a LayerNorm's two and two biases
+    assert not partition_parameters(model).muon  # AdamW: nothing goes to Muon
+    with pytest.raises(ValueError, match="found no hidden matrices"):
+        partition_parameters(ToyLM(), muon=True)
+
+    # the prior: the blocks' matrices, not the input/timestep embedders or the final layer
+    from prior.models.mmdit import MMDiT
+
+    prior = MMDiT(
+        modalities=["text"],
+        width=32,
+        heads=2,
+        head_dim=16,
+        rope_dim=8,
+        num_layers=2,
+        in_channels=[4],
+        block_size=4,
+    )
+    names = {id(p): n for n, p in prior.named_parameters()}
+    muon = sorted(names[id(p)] for p in partition_parameters(prior, muon=True).muon)
+    assert muon == sorted(
+        f"blocks.{i}.streams.text.{n}.weight"
+        for i in (0, 1)
+        for n in ("ada", "qkv", "proj", "mlp.fc_in", "mlp.fc_out")
+    )
+
+
+def test_muon_trains_and_resumes_exactly(tmp_path):
+    kw = dict(model_cls=BlockLM, optimizer="muon", muon_lr=0.02)
+    trainer = make_trainer(tmp_path / "learn", data_size=32, val=True, max_steps=30, log_every=5, **kw)
+    before = trainer.evaluate()
+    lrs = instrument(trainer)
+    result = trainer.train()
+    assert result.val_metrics["loss"] < 0.6 * before["loss"]
+    assert lrs[2] == (1e-2, 0.02) and "muon_lr" in result.train_metrics  # both follow the schedule
+    assert len(trainer.optimizers) == 2 and isinstance(trainer.optimizers[1].optimizer, torch.optim.Muon)
+
+    kw.update(max_steps=6, save_every=3)
+    full = make_trainer(tmp_path / "full", **kw)
+    full.train()
+    run = tmp_path / "run"
+    with pytest.raises(Preempted):
+        first = make_trainer(run, **kw)
+        instrument(first, crash_at=4)
+        first.train()
+    ckpt = run / "checkpoints" / "step_0000003"
+    assert {"optimizer.bin", "optimizer_1.bin", "scheduler.bin", "scheduler_1.bin"} <= {
+        p.name for p in ckpt.iterdir()
+    }
+    second = make_trainer(run, resume="latest", **kw)
+    second.train()
+    ref, got = weights(full), weights(second)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)  # Muon's momentum restored too
+
+    # the optimizer cannot change on resume: one line naming both
+    with pytest.raises(ValueError, match=r"written with train.optimizer=muon; .* with train.optimizer=adamw"):
+        make_trainer(run, resume="latest", **{**kw, "optimizer": "adamw"})
+
+
+def test_stage2_ema_reaches_the_sampling_pipeline(tmp_path):
+    """fixed_vae + Muon + EMA through the trainer: the exported pipeline holds the prior's EMA."""
+    from helpers import tiny_pipeline
+
+    from prior.checkpoints.released import load_pipeline
+    from prior.sampling.config import GenerationConfig
+    from prior.training.flow_matching import FlowMatchingConfig
+    from prior.training.joint import ColaModel, JointConfig, cola_loss_fn
+    from prior.training.recipes import save_pipeline_export
+
+    sentences = ["the cat sat on the mat", "a dog ran in the park", "the sun is warm today"] * 3
+    pipe = tiny_pipeline(sentences)
+    model = ColaModel(pipe.text_vae, pipe.prior, JointConfig(mode="fixed_vae"), FlowMatchingConfig())
+    vae_before = {k: v.clone() for k, v in model.vae.state_dict().items()}
+    ids = pipe.tokenizer(sentences)["input_ids"]
+    data = [{"input_ids": torch.tensor((row * 4)[:16])} for row in ids]
+    cfg = config(tmp_path, max_steps=4, batch_size=3, optimizer="muon", ema_decay=0.9, ema_warmup=False)
+    export = lambda m, d: save_pipeline_export(m, pipe.tokenizer, GenerationConfig(), d)  # noqa: E731
+    trainer = Trainer(model, cola_loss_fn, data, config=cfg, save_model_fn=export)
+    trainer.train()
+    ema = trainer.ema.state_dict()
+    assert ema and all(k.startswith("prior.") for k in ema)  # fixed_vae: the EMA is the prior's
+    loaded = load_pipeline(tmp_path)
+    sampled = loaded.prior.state_dict()
+    assert all(torch.equal(sampled[k.removeprefix("prior.")], v) for k, v in ema.items())
+    raw = model.prior.state_dict()
+    assert any(not torch.equal(sampled[k], raw[k]) for k in raw)  # not the raw prior
+    assert all(torch.equal(loaded.text_vae.state_dict()[k], v) for k, v in vae_before.items())
+
+
+def test_hygiene_config_values_are_validated(tmp_path):
+    for bad, message in [
+        (dict(lr_schedule="linear"), "train.lr_schedule must be one of"),
+        (dict(optimizer="sgd"), "train.optimizer must be one of"),
+        (dict(ema_decay=1.0), r"train.ema_decay must be None or in \[0, 1\)"),
+        (dict(warmdown_fraction=0.0), r"train.warmdown_fraction must be in \(0, 1\]"),
+        (dict(muon_adjust_lr="x"), "train.muon_adjust_lr must be one of"),
+        (dict(optimizer="muon", mixed_precision="fp16"), "does not support train.mixed_precision='fp16'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            config(tmp_path, **bad)
+    assert config(tmp_path).lr_floor == 0.1 and config(tmp_path, lr_schedule="warmdown").lr_floor == 0.05
+    assert config(tmp_path, lr_schedule="warmdown", min_lr_ratio=0.2).lr_floor == 0.2
+
+
 # ----------------------------------------------------------------------------- multi-process
 
 TORCHRUN_SCRIPT = """
@@ -401,8 +783,10 @@ sys.path.insert(0, {tests!r})
 from test_trainer import ToyLM, lm_loss, make_data, config
 from prior.training.trainer import Trainer
 torch.manual_seed(0)
+# a budget that never ends (the processes agree on the clock every step) and an EMA (observes only)
 trainer = Trainer(ToyLM(dropout=0.0), lm_loss, make_data(32), make_data(8, seed=1),
-                  config({out!r}, batch_size=4, max_steps=4, save_every=2, eval_every=2))
+                  config({out!r}, batch_size=4, max_steps=4, save_every=2, eval_every=2,
+                         max_time_minutes=1e6, ema_decay=0.9))
 result = trainer.train()
 if trainer.accelerator.is_main_process:
     torch.save(trainer.accelerator.unwrap_model(trainer.model).state_dict(), {out!r} + "/final.pt")
@@ -429,7 +813,7 @@ def test_torchrun_two_processes_match_one_process_double_batch(tmp_path):
     assert proc.returncode == 0, textwrap.shorten(proc.stderr[-3000:], 3000)
     assert "RESULT 4 352 2" in proc.stdout  # 4 steps x 2 processes x 4 rows x 11 tokens
     ckpt = out / "checkpoints" / "step_0000004"
-    assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= {
+    assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json", "ema.safetensors"} <= {
         p.name for p in ckpt.iterdir()
     }
 

@@ -1,9 +1,10 @@
 """The matched autoregressive baseline: a decoder-only transformer LM over the same tokens.
 
 Cola DLM generates tokens with two networks, the block-causal prior and the Text VAE decoder; the
-baseline is the plain next-token model the framework is measured against (issue 8, the paper's AR
-baseline), trained in the same trainer on the same tokenizer, data and time budget
-(``task: ar``, ``configs/text/ar_tiny.yaml``).
+baseline is the plain next-token model the framework is measured against (as the paper measures
+Cola against its AR baseline), trained in the same trainer on the same tokenizer, data and time
+budget (``task: ar``, ``configs/text/ar_tiny.yaml``; the pipeline is
+:class:`~prior.pipelines.pipeline_ar_text.ARTextPipeline`).
 
 Size rule
 ---------

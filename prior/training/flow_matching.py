@@ -349,7 +349,8 @@ def predict(prior: nn.Module, batch: TwoLBatch) -> tuple[torch.Tensor, torch.Ten
         batch.x, batch.timestep, positions=batch.positions, valid=batch.valid, attn_mask=batch.attn_mask
     )
     n = batch.target.shape[1]
-    return out.velocity[:, n:], None if out.logits is None else out.logits[:, n:]
+    logits = getattr(out, "logits", None)  # only a categorical prior has logits
+    return out.velocity[:, n:], None if logits is None else logits[:, n:]
 
 
 def predict_velocity(prior: nn.Module, batch: TwoLBatch) -> torch.Tensor:

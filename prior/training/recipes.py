@@ -233,7 +233,8 @@ def ar_loss_fn(model: ARTransformer, batch: dict[str, torch.Tensor], step: int) 
     loss = (ce * keep).sum() / n
     with torch.no_grad():
         acc = ((logits.argmax(dim=-1) == target) & keep).sum() / n
-    return LossOutput(loss=loss, logs={"ce": loss.detach(), "acc": acc}, num_tokens=int(keep.sum()))
+    tokens = ids.numel() if valid is None else int(valid.sum())  # tokens read, as the other stages count
+    return LossOutput(loss=loss, logs={"ce": loss.detach(), "acc": acc}, num_tokens=tokens)
 
 
 def save_ar_export(

@@ -65,7 +65,8 @@ LossOutput``; it knows nothing about VAEs or diffusion. Design choices:
   time left in it, and the postfix shows ``step k/max_steps`` and the LR (the run stops at
   whichever limit comes first).
 - **Bad input fails before anything is written**: a fresh run into a folder that holds checkpoints,
-  a missing or corrupt resume checkpoint, an invalid config value: one line naming it.
+  a missing or corrupt resume checkpoint, one written with another ``optimizer``, an invalid
+  config value: one line naming it.
 - **DDP caveat**: under several processes the model is wrapped in DDP, which synchronises gradients
   only for computations that go through ``model(...)`` (its ``forward``). A loss function that calls
   other methods (``model.loss(...)``) is fine in one process; for multi-process runs route the
