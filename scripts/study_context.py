@@ -27,10 +27,40 @@ from unimodal.text_data import DataConfig, build_text_datasets  # noqa: E402
 
 
 @torch.no_grad()
-def decoder_confidence(pipe, latents: torch.Tensor) -> float:
-    """Mean max-probability of the decoder's token distribution on latents (B, N, d)."""
-    probs = pipe.text_vae.decode(latents).logits.float().softmax(dim=-1)
-    return probs.max(dim=-1).values.mean().item()
+def decoder_confidence(pipe, latents: torch.Tensor, start: int | list[int] = 0) -> float:
+    """Mean max-probability of the decoder's token distribution on latents (B, N, d), over the
+    positions from ``start`` (per row) on: the latents before them are the decoder's history."""
+    probs = pipe.text_vae.decode(latents).logits.float().softmax(dim=-1).max(dim=-1).values  # (B, N*p)
+    starts = [start] * len(probs) if isinstance(start, int) else start
+    return torch.cat([row[s:] for row, s in zip(probs, starts)]).mean().item()
+
+
+@torch.no_grad()
+def generated_after_history(
+    pipe, prompts: list[str], max_new_tokens: int = 48
+) -> tuple[torch.Tensor, list[int]]:
+    """[prompt's whole blocks ; generated blocks] per prompt (B, N, d), as the sampler's decoder saw
+    them, and where each row's new tokens start (the first block's prompt tokens are history too)."""
+    text = pipe.text_modality
+    out = pipe(
+        prompts,
+        max_new_tokens=max_new_tokens,
+        output_type="latents",
+        generator=torch.Generator().manual_seed(0),
+    )
+    generated = torch.cat(out.latents, dim=1)  # (B, blocks * bs, d)
+    chunk = pipe.prior.config.block_size * text.patch_size
+    rows, starts = [], []
+    for i, ids in enumerate(text.prompt_ids(prompts)):
+        whole = (len(ids) // chunk) * chunk  # tokens of the prompt's whole blocks (the prefix)
+        history = (
+            text.encode_ids([ids[:whole]]).latents[0]
+            if whole
+            else generated.new_zeros(0, generated.shape[-1])
+        )
+        rows.append(torch.cat((history, generated[i])))
+        starts.append(len(ids))  # the first new token
+    return torch.stack(rows), starts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,11 +92,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{t:5.2f} {ctx.loss[i]:13.3f} {alone.loss[i]:12.3f} {ctx.baseline[i]:9.3f} {gain:12.1%}")
 
     prompts = pipe.tokenizer.batch_decode(ids[:8, :16])
-    out = pipe(prompts, max_new_tokens=48, output_type="latents", generator=torch.Generator().manual_seed(0))
-    generated = torch.cat(out.latents, dim=1)
-    print(
-        f"decoder mean max-prob: real latents {decoder_confidence(pipe, z0[:8]):.3f}, "
-        f"generated {decoder_confidence(pipe, generated):.3f}"
+    generated, starts = generated_after_history(pipe, prompts)
+    print(  # both decoded after their history: real rows from token 16 on, generated ones after the prompt
+        f"decoder mean max-prob after the history: real latents {decoder_confidence(pipe, z0[:8], 16):.3f}, "
+        f"generated {decoder_confidence(pipe, generated, starts):.3f}"
     )
     print(f"latent RMS: real {z0.pow(2).mean().sqrt():.3f}, generated {generated.pow(2).mean().sqrt():.3f}")
 

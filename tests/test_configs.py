@@ -87,3 +87,21 @@ def test_derived_values_fill_in_and_disagreeing_ones_fail():
     assert prior_kwargs(cola, 16)["in_channels"] == [16]
     with pytest.raises(ConfigError, match=r"prior.in_channels=\[16\] disagrees with the VAE's latent_dim"):
         prior_kwargs(cola, 8)
+
+
+def test_quickstart_recipes_are_valid_config_overrides():
+    from prior.cli import DEFAULT_RECIPE, QUICKSTART_RECIPES
+
+    assert DEFAULT_RECIPE in QUICKSTART_RECIPES and QUICKSTART_RECIPES["paper"] == {"vae": [], "cola": []}
+    for recipe in QUICKSTART_RECIPES.values():
+        vae = load_run_config(TEXT / "vae_tiny.yaml", recipe["vae"])
+        cola = load_run_config(TEXT / "cola_tiny.yaml", recipe["cola"])
+        assert vae.task == "vae" and cola.task == "cola"
+    cat = QUICKSTART_RECIPES["categorical"]
+    assert load_run_config(TEXT / "vae_tiny.yaml", cat["vae"]).vae.encoder_context == "token"
+    cola = load_run_config(TEXT / "cola_tiny.yaml", cat["cola"])
+    assert (cola.prior.prediction, cola.prior.block_size, cola.generation.noise_scale) == (
+        "categorical",
+        4,
+        0.5,
+    )

@@ -231,3 +231,32 @@ def test_trains_through_the_shared_trainer(tmp_path):
     after = model.state_dict()
     assert all(k.startswith(("vae.", "prior.")) for k in after)
     assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith("vae.encoder"))
+
+
+def test_aux_decoder_loss_is_off_by_default_and_reaches_what_its_config_says():
+    """Zero-weighted by default (no extra term, identical loss); on, its gradient reaches the prior,
+    and the VAE decoder only with aux_decoder_grad."""
+    assert JointConfig().aux_decoder_weight == 0.0
+    ids = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(4))
+
+    def grads(**cfg):
+        torch.manual_seed(0)
+        vae, prior = tiny_vae(bert_mask_ratio=0.0), tiny_prior()
+        model = ColaModel(vae, prior, JointConfig(mode="joint", ref_kl_weight=0.0, **cfg), FLOW)
+        out = model(ids, generator=torch.Generator().manual_seed(5))
+        out.loss.backward()
+        dec = torch.cat([p.grad.flatten() for p in vae.decoder.parameters()])
+        pri = torch.cat([p.grad.flatten() for p in prior.parameters() if p.grad is not None])
+        return out, dec, pri
+
+    base, dec0, pri0 = grads()
+    assert "aux_decoder_ce" not in base.logs
+    off, _, _ = grads(aux_decoder_weight=0.0)
+    assert torch.equal(off.loss, base.loss)
+    on, dec1, pri1 = grads(aux_decoder_weight=0.5)
+    assert on.logs["aux_decoder_ce"] > 0 and not torch.allclose(pri1, pri0)
+    torch.testing.assert_close(dec1, dec0)  # detached decoder: the aux loss adds nothing to its gradient
+    _, dec2, _ = grads(aux_decoder_weight=0.5, aux_decoder_grad=True)
+    assert not torch.allclose(dec2, dec0)
+    with pytest.raises(ValueError, match="aux_decoder_weight"):
+        JointConfig(aux_decoder_weight=-1.0)

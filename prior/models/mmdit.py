@@ -35,6 +35,12 @@ Design choices
   ``context_free_rows=R`` marks the last R rows of the batch as standing alone: they attend over
   their own tokens only, at positions 0..L-1 by default, so one (2B) forward runs both CFG branches
   over a batch-B cache.
+* **Two output parameterisations** (``prediction``): ``velocity`` (released) regresses
+  ``eps - z0``; ``categorical`` (an extension, CDCD's score interpolation) predicts logits over the
+  ``vocab_size`` token ids of a single text stream, takes the clean estimate
+  ``x0 = softmax(logits) @ token_latents`` (the latent of every token id, a buffer the recipe fills
+  from a token-local Text VAE) and returns the velocity that estimate implies,
+  ``(z_t - x0) / t``: the sampler and CFG see a velocity either way, the trainer a cross-entropy.
 * **Init.** :meth:`MMDiT.initialize_weights` applies the released init (xavier-uniform linears,
   each released adaLN head initialised as its own matrix, zero biases); with
   ``adaln_zero_init=True`` (default, for training from scratch) the adaLN linears and the final

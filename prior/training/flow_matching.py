@@ -290,6 +290,8 @@ class FlowLoss:
     bucket_baseline: torch.Tensor  # (K,) mean Gaussian baseline per bucket (batch per-channel variance)
     bucket_count: torch.Tensor  # (K,) tokens per bucket
     ce: torch.Tensor | None = None  # () token cross-entropy of a categorical prior (then ``loss``)
+    velocity: torch.Tensor | None = None  # (B, N, d) the noisy half's predicted velocity (differentiable)
+    batch: TwoLBatch | None = None  # the 2L layout it was predicted on
 
     def logs(self, prefix: str = "flow") -> dict[str, torch.Tensor]:
         """Detached scalars for the trainer: the loss and, per non-empty t bucket, the mean MSE and the
@@ -376,6 +378,7 @@ def flow_matching_loss(
     batch = build_2l_batch(z0, valid, block_size, cfg, generator)
     velocity, logits = predict(prior, batch)
     result = velocity_loss(velocity, batch, cfg, z0)
+    result.velocity, result.batch = velocity, batch
     if logits is not None:
         if targets is None or targets.shape != batch.loss_mask.shape:
             shape = None if targets is None else tuple(targets.shape)

@@ -41,6 +41,12 @@ Design choices
   (``--vae-mode sample``): a reparameterised posterior sample, normalised. Either way the flow
   gradient flows into the encoder (scaled) in the modes that train it.
 * **Block size**: the flow layout uses the prior's own ``config.block_size``.
+* **Auxiliary decoder loss** (``aux_decoder_weight``, default 0 = off, the paper; an extension,
+  the literature's rounding / anchor loss): the VAE decoder's token cross-entropy on the prior's
+  clean estimate ``x0 = z_t - t v`` of every noisy latent. Its gradient reaches the prior through
+  ``v``; the decoder's weights only with ``aux_decoder_grad`` (else they are detached: the loss
+  teaches the prior to land where the decoder reads the right token, not the decoder to read
+  estimates).
 * **Passes per step**: the VAE loss encodes the BERT-masked input, so the flow latents and the
   reference KL take one more encoder pass on the clean input (and one reference-encoder pass).
 * **The reference encoder** is a frozen copy of the Stage-1 VAE without its decoder. It is kept
@@ -82,6 +88,11 @@ class JointConfig:
     recon_weight: float = 1.0  # weight of the VAE's Stage-1 objective (recon + BERT + its KL)
     prior_weight: float = 1.0  # weight of the flow-matching loss
     interval_every: int = 100  # interval mode: steps per phase (prior phase first)
+    # auxiliary token cross-entropy through the VAE decoder on the prior's clean estimate x0 = z_t - t v
+    # (an extension; 0 = off, the paper); its gradient reaches the prior, and the decoder only if
+    # aux_decoder_grad (else the decoder runs with detached weights)
+    aux_decoder_weight: float = 0.0
+    aux_decoder_grad: bool = False
     # which latent the prior learns to generate: "mean" (normalised posterior mode) | "sample" (released)
     prior_latents: str = "mean"
 
@@ -92,7 +103,7 @@ class JointConfig:
             raise ValueError(f"prior_latents={self.prior_latents!r}; expected one of {PRIOR_LATENTS}")
         if self.vae_grad_scale < 0:
             raise ValueError(f"vae_grad_scale must be >= 0, got {self.vae_grad_scale}")
-        for name in ("ref_kl_weight", "recon_weight", "prior_weight"):
+        for name in ("ref_kl_weight", "recon_weight", "prior_weight", "aux_decoder_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.interval_every < 1:
@@ -274,10 +285,38 @@ class ColaModel(nn.Module):
                 prior, z0, encoded.valid, self.block_size, self.flow_cfg, generator, targets
             )
             total = total + cfg.prior_weight * flow.loss
+            if cfg.aux_decoder_weight > 0:
+                aux = self._aux_decoder_loss(flow, input_ids, valid)
+                total = total + cfg.aux_decoder_weight * aux
+                logs["aux_decoder_ce"] = aux
         logs.update(flow.logs("flow"))
         return LossOutput(
             loss=total, logs={k: v.detach() for k, v in logs.items()}, num_tokens=int(valid.sum())
         )
+
+    def _aux_decoder_loss(self, flow, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Token cross-entropy of the VAE decoder on the clean estimate ``x0 = z_t - t v`` of every noisy
+        latent, decoded all at once (its history is estimates too), on the flow loss's tokens."""
+        batch, n = flow.batch, flow.velocity.shape[1]
+        z_t, t = batch.x[:, n:].float(), batch.t[..., None]  # (B, N, d), (B, N, 1)
+        x0 = (z_t - t * flow.velocity.float()).to(self.vae.dtype)
+        decode = self.vae.decode if self.cfg.aux_decoder_grad else detached_call(_Decode(self.vae))
+        logits = decode(x0, batch.valid[:, :n]).logits.float()  # (B, N*p, V)
+        p = self.vae.config.patch_size
+        mask = batch.loss_mask.repeat_interleave(p, dim=1) & valid  # (B, L): tokens of trained latents
+        ce = nn.functional.cross_entropy(logits.flatten(0, 1), input_ids.flatten(), reduction="none")
+        return (ce * mask.flatten()).sum() / mask.sum().clamp_min(1)
+
+
+class _Decode(nn.Module):
+    """``vae.decode`` as a module's forward (so ``functional_call`` can swap the VAE's weights)."""
+
+    def __init__(self, vae: TextVAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents: torch.Tensor, valid: torch.Tensor):
+        return self.vae.decode(latents, valid)
 
 
 def cola_loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> LossOutput:

@@ -34,7 +34,7 @@ from prior.models.mmdit import MMDiT
 from prior.sampling.config import GenerationConfig
 from prior.training.flow_matching import FlowMatchingConfig
 from prior.training.joint import JointConfig
-from prior.training.trainer import TrainerConfig
+from prior.training.trainer_config import TrainerConfig
 from unimodal.config import ConfigError, load_config, schema_from_signature
 from unimodal.text_data import DataConfig
 from unimodal.text_vae import TextVAE
