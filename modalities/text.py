@@ -37,7 +37,7 @@ from transformers import PreTrainedTokenizerBase
 from modalities.registry import LatentSequence, Modality, register_modality
 from unimodal.kv_cache import KVCache
 from unimodal.text_vae import TextVAE
-from unimodal.tokenization import IM_END_TOKEN, check_special_tokens, model_vocab_size
+from unimodal.tokenization import check_special_tokens, default_stop_token_ids, model_vocab_size
 
 
 @register_modality("text")
@@ -112,8 +112,7 @@ class TextModality(Modality):
 
     def stop_token_ids(self) -> list[int]:
         """EOS, and ``<|im_end|>`` when the vocabulary has it."""
-        ids = [self.tokenizer.eos_token_id, self.tokenizer.get_vocab().get(IM_END_TOKEN)]
-        return [i for i in ids if i is not None]
+        return default_stop_token_ids(self.tokenizer)
 
     @property
     def pad_token_id(self) -> int | None:

@@ -146,6 +146,12 @@ def train_bpe_tokenizer(
 # ------------------------------------------------------------------------------------------------ checks
 
 
+def default_stop_token_ids(tokenizer) -> list[int]:
+    """The ids that end a generated text by default: EOS, and ``<|im_end|>`` when the vocabulary has it."""
+    ids = [tokenizer.eos_token_id, tokenizer.get_vocab().get(IM_END_TOKEN)]
+    return [i for i in ids if i is not None]
+
+
 def check_special_tokens(tokenizer: PreTrainedTokenizerFast) -> None:
     """Raise ValueError naming the missing token if the tokenizer has no EOS or no PAD token."""
     where = tokenizer.name_or_path or type(tokenizer).__name__

@@ -34,24 +34,19 @@ Design choices
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from prior.models.ar import ARTransformer
-from prior.pipelines.folders import check_pipeline_class
-from prior.sampling.config import CONFIG_NAME, GenerationConfig
+from prior.pipelines.text_generation import TextGenerationMixin
+from prior.sampling.config import GenerationConfig
 from prior.sampling.stopping import RowState, make_stop_rule
 from prior.sampling.tokens import apply_repetition_penalty, finite_logits, sample_tokens
-from unimodal.tokenization import IM_END_TOKEN, check_special_tokens, model_vocab_size
-
-OUTPUT_TYPES = ("text", "ids")
+from unimodal.tokenization import check_special_tokens, default_stop_token_ids, model_vocab_size
 
 
 @dataclass
@@ -84,9 +79,10 @@ class _Step:
     num_model_calls: int
 
 
-class ARTextPipeline(DiffusionPipeline):
+class ARTextPipeline(TextGenerationMixin, DiffusionPipeline):
     """Autoregressive text generation with the matched baseline (see the module docstring)."""
 
+    output_types = ("text", "ids")
     model_cpu_offload_seq = "transformer"
 
     def __init__(self, transformer: ARTransformer, tokenizer):
@@ -100,58 +96,11 @@ class ARTextPipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, tokenizer=tokenizer)
         self.generation_config = GenerationConfig()
 
-    # ------------------------------------------------------------------ files
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        super().save_pretrained(save_directory, **kwargs)
-        self.generation_config.save(save_directory)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> ARTextPipeline:
-        check_pipeline_class(pretrained_model_name_or_path, cls.__name__)
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        folder = Path(pretrained_model_name_or_path)
-        if (folder / CONFIG_NAME).is_file():
-            pipe.generation_config = GenerationConfig.load(folder)
-        return pipe
-
     # ------------------------------------------------------------------ settings
 
     def stop_token_ids(self) -> list[int]:
         """The default stop ids: EOS, and ``<|im_end|>`` when the vocabulary has it."""
-        ids = [self.tokenizer.eos_token_id, self.tokenizer.get_vocab().get(IM_END_TOKEN)]
-        return [i for i in ids if i is not None]
-
-    def check_inputs(self, prompt, output_type: str) -> list[str]:
-        """Validate the call; returns the prompts as a list."""
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if (
-            not isinstance(prompts, (list, tuple))
-            or not prompts
-            or not all(isinstance(p, str) for p in prompts)
-        ):
-            raise ValueError(
-                f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}"
-            )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
-        return list(prompts)
-
-    def resolve_generation_config(
-        self, generation_config: GenerationConfig | None = None, **overrides
-    ) -> GenerationConfig:
-        """The settings of one call: ``generation_config`` (default: the pipeline's) with
-        ``overrides``; stop ids and pad id filled from the tokenizer when None."""
-        base = self.generation_config if generation_config is None else generation_config
-        if not isinstance(base, GenerationConfig):
-            raise TypeError(f"generation_config must be a GenerationConfig, got {type(base).__name__}")
-        config = base.replace(**overrides)
-        fill = {}
-        if config.stop_token_ids is None:
-            fill["stop_token_ids"] = self.stop_token_ids()
-        if config.pad_token_id is None and self.tokenizer.pad_token_id is not None:
-            fill["pad_token_id"] = self.tokenizer.pad_token_id
-        return dataclasses.replace(config, **fill) if fill else config
+        return default_stop_token_ids(self.tokenizer)
 
     # ------------------------------------------------------------------ generation
 
@@ -230,7 +179,7 @@ class ARTextPipeline(DiffusionPipeline):
         of its fields (``max_new_tokens=64``, ``temperature=0.8``, ...); ``generator`` drives the
         token draws when sampling. Returns texts (``output_type="text"``) or ids only (``"ids"``).
         """
-        prompts = self.check_inputs(prompt, output_type)
+        prompts = self.check_prompts(prompt, output_type)
         config = self.resolve_generation_config(generation_config, **overrides)
         token_ids, calls = [[] for _ in prompts], 0
         with self.progress_bar(total=config.max_new_tokens) as bar:
@@ -257,7 +206,7 @@ class ARTextPipeline(DiffusionPipeline):
 
         The text of a step is the difference between the decoded text after and before it, so
         multi-byte characters split over tokens come out whole."""
-        prompts = self.check_inputs(prompt, "text")
+        prompts = self.check_prompts(prompt, "text")
         config = self.resolve_generation_config(generation_config, **overrides)
         token_ids = [[] for _ in prompts]
         texts = ["" for _ in prompts]

@@ -34,12 +34,9 @@ Design choices
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
@@ -47,12 +44,10 @@ from diffusers.utils import BaseOutput
 
 from modalities.text import TextModality
 from prior.models.mmdit import MMDiT
-from prior.pipelines.folders import check_pipeline_class
+from prior.pipelines.text_generation import TextGenerationMixin
 from prior.sampling.block_sampler import BlockOutput, BlockSampler, NoiseSource, StepState
-from prior.sampling.config import CONFIG_NAME, GenerationConfig
+from prior.sampling.config import GenerationConfig
 from unimodal.text_vae import TextVAE
-
-OUTPUT_TYPES = ("text", "ids", "latents")
 
 
 @dataclass
@@ -77,9 +72,10 @@ class ColaTextStreamChunk:
     finished: list[bool]
 
 
-class ColaTextPipeline(DiffusionPipeline):
+class ColaTextPipeline(TextGenerationMixin, DiffusionPipeline):
     """Cola DLM text generation: Text VAE + block-causal prior + flow-matching Euler scheduler."""
 
+    output_types = ("text", "ids", "latents")
     model_cpu_offload_seq = "text_vae->prior"
     _callback_tensor_inputs = ["latents", "velocity"]
 
@@ -89,21 +85,6 @@ class ColaTextPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(text_vae=text_vae, prior=prior, scheduler=scheduler, tokenizer=tokenizer)
         self.generation_config = GenerationConfig()
-
-    # ------------------------------------------------------------------ files
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        super().save_pretrained(save_directory, **kwargs)
-        self.generation_config.save(save_directory)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> ColaTextPipeline:
-        check_pipeline_class(pretrained_model_name_or_path, cls.__name__)  # e.g. an AR baseline folder
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        folder = Path(pretrained_model_name_or_path)
-        if (folder / CONFIG_NAME).is_file():
-            pipe.generation_config = GenerationConfig.load(folder)
-        return pipe
 
     # ------------------------------------------------------------------ stages
 
@@ -118,38 +99,11 @@ class ColaTextPipeline(DiffusionPipeline):
 
     def check_inputs(self, prompt, output_type: str, callback_tensor_inputs) -> list[str]:
         """1. Validate the call; returns the prompts as a list."""
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if (
-            not isinstance(prompts, (list, tuple))
-            or not prompts
-            or not all(isinstance(p, str) for p in prompts)
-        ):
-            raise ValueError(
-                f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}"
-            )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
+        prompts = self.check_prompts(prompt, output_type)
         bad = [name for name in callback_tensor_inputs or [] if name not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(f"callback tensor input {bad[0]!r} is not one of {self._callback_tensor_inputs}")
         return list(prompts)
-
-    def resolve_generation_config(
-        self, generation_config: GenerationConfig | None = None, **overrides
-    ) -> GenerationConfig:
-        """3. The settings of one call: ``generation_config`` (default: the pipeline's) with
-        ``overrides``; stop ids and pad id filled from the tokenizer when None."""
-        base = self.generation_config if generation_config is None else generation_config
-        if not isinstance(base, GenerationConfig):
-            raise TypeError(f"generation_config must be a GenerationConfig, got {type(base).__name__}")
-        config = base.replace(**overrides)
-        text = self.text_modality
-        fill = {}
-        if config.stop_token_ids is None:
-            fill["stop_token_ids"] = text.stop_token_ids()
-        if config.pad_token_id is None and text.pad_token_id is not None:
-            fill["pad_token_id"] = text.pad_token_id
-        return dataclasses.replace(config, **fill) if fill else config
 
     # ------------------------------------------------------------------ generation
 
