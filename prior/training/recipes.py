@@ -81,31 +81,37 @@ def save_vae_export(model: TextVAE, tokenizer: PreTrainedTokenizerFast, out_dir:
     tokenizer.save_pretrained(out_dir / "tokenizer")
 
 
-def train_text_vae(cfg: RunConfig) -> TrainResult:
-    """Stage 1: train the Text VAE described by ``cfg`` and return the trainer's result."""
+def _run(cfg: RunConfig, model, loss_fn, tokenizer, save_model_fn, describe) -> TrainResult:
+    """The tail every recipe shares: the datasets, the one trainer, the run folder's record
+    (tokenizer + resolved config, written once the trainer has validated the folder), a one-line
+    summary (``describe(train_ds, val_ds)``), then training."""
     run_dir = Path(cfg.train.output_dir)
-    tokenizer = prepare_tokenizer(cfg, run_dir)
-    kwargs = vae_kwargs(cfg, tokenizer)
     train_ds, val_ds = build_text_datasets(cfg.data, tokenizer)
-    torch.manual_seed(cfg.train.seed)
-    model = TextVAE(**kwargs)
     trainer = Trainer(
-        model,
-        vae_loss_fn,
-        train_ds,
-        val_ds if len(val_ds) else None,
-        cfg.train,
-        save_model_fn=lambda m, d: save_vae_export(m, tokenizer, d),
+        model, loss_fn, train_ds, val_ds if len(val_ds) else None, cfg.train, save_model_fn=save_model_fn
     )
-    # The trainer has validated the output folder (nothing is overwritten); now record the run.
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(run_dir / "tokenizer")
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    print(
-        f"Text VAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-        f"data: {len(train_ds)} train rows x {cfg.data.seq_len} tokens, {len(val_ds)} validation rows"
-    )
+    print(describe(train_ds, val_ds))
     return trainer.train()
+
+
+def _millions(module: torch.nn.Module) -> str:
+    return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f}M"
+
+
+def train_text_vae(cfg: RunConfig) -> TrainResult:
+    """Stage 1: train the Text VAE described by ``cfg`` and return the trainer's result."""
+    tokenizer = prepare_tokenizer(cfg, Path(cfg.train.output_dir))
+    kwargs = vae_kwargs(cfg, tokenizer)
+    torch.manual_seed(cfg.train.seed)
+    model = TextVAE(**kwargs)
+    return _run(
+        cfg, model, vae_loss_fn, tokenizer, lambda m, d: save_vae_export(m, tokenizer, d),
+        lambda tr, va: f"Text VAE: {_millions(model)} parameters; data: {len(tr)} train rows x "
+        f"{cfg.data.seq_len} tokens, {len(va)} validation rows",
+    )  # fmt: skip
 
 
 def save_pipeline_export(
@@ -193,27 +199,12 @@ def token_latent_table(vae: TextVAE) -> torch.Tensor:
 
 def train_cola(cfg: RunConfig) -> TrainResult:
     """Stage 2: flow-matching prior trained jointly with the VAE (mode ``cfg.joint.mode``)."""
-    run_dir = Path(cfg.train.output_dir)
-    model, tokenizer = build_cola_model(cfg, run_dir)
-    train_ds, val_ds = build_text_datasets(cfg.data, tokenizer)
-    trainer = Trainer(
-        model,
-        cola_loss_fn,
-        train_ds,
-        val_ds if len(val_ds) else None,
-        cfg.train,
-        save_model_fn=lambda m, d: save_pipeline_export(m, tokenizer, cfg.generation, d),
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(run_dir / "tokenizer")
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    n_prior = sum(p.numel() for p in model.prior.parameters()) / 1e6
-    n_vae = sum(p.numel() for p in model.vae.parameters()) / 1e6
-    print(
-        f"Cola Stage 2 ({cfg.joint.mode}): prior {n_prior:.2f}M + VAE {n_vae:.2f}M parameters; "
-        f"data: {len(train_ds)} train rows x {cfg.data.seq_len} tokens"
-    )
-    return trainer.train()
+    model, tokenizer = build_cola_model(cfg, Path(cfg.train.output_dir))
+    return _run(
+        cfg, model, cola_loss_fn, tokenizer, lambda m, d: save_pipeline_export(m, tokenizer, cfg.generation, d),
+        lambda tr, va: f"Cola Stage 2 ({cfg.joint.mode}): prior {_millions(model.prior)} + VAE "
+        f"{_millions(model.vae)} parameters; data: {len(tr)} train rows x {cfg.data.seq_len} tokens",
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the AR baseline
@@ -267,25 +258,12 @@ def build_ar_model(cfg: RunConfig) -> tuple[ARTransformer, PreTrainedTokenizerFa
 
 def train_ar(cfg: RunConfig) -> TrainResult:
     """The matched autoregressive baseline: next-token cross-entropy, same tokens, data and trainer."""
-    run_dir = Path(cfg.train.output_dir)
     model, tokenizer = build_ar_model(cfg)
-    train_ds, val_ds = build_text_datasets(cfg.data, tokenizer)
-    trainer = Trainer(
-        model,
-        ar_loss_fn,
-        train_ds,
-        val_ds if len(val_ds) else None,
-        cfg.train,
-        save_model_fn=lambda m, d: save_ar_export(m, tokenizer, cfg.generation, d),
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(run_dir / "tokenizer")
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    print(
-        f"AR baseline: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
-        f"({cfg.ar.num_layers} layers); data: {len(train_ds)} train rows x {cfg.data.seq_len} tokens"
-    )
-    return trainer.train()
+    return _run(
+        cfg, model, ar_loss_fn, tokenizer, lambda m, d: save_ar_export(m, tokenizer, cfg.generation, d),
+        lambda tr, va: f"AR baseline: {_millions(model)} parameters ({cfg.ar.num_layers} layers); "
+        f"data: {len(tr)} train rows x {cfg.data.seq_len} tokens",
+    )  # fmt: skip
 
 
 TRAINERS = {"vae": train_text_vae, "cola": train_cola, "ar": train_ar}
