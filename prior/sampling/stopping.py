@@ -16,6 +16,7 @@ loop ends. Two rules (``GenerationConfig.stop_rule``):
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,20 +33,20 @@ class RowState:
     num_new: int = 0  # output tokens so far
 
 
-class StopRule:
+class StopRule(ABC):
     """Base: what a block's sampled ids add to a sample, and when the loop is done."""
 
     def __init__(self, stop_ids: Sequence[int], stop_on_eos: bool, max_new_tokens: int, whole_blocks: bool):
         self.stop_ids = frozenset(int(i) for i in stop_ids) if stop_on_eos else frozenset()
         self.max_new_tokens, self.whole_blocks = max_new_tokens, whole_blocks
 
+    @abstractmethod
     def take(self, row: RowState, sampled: list[int], start: int) -> list[int]:
         """Output tokens of one sample from its block of sampled ids (``start``: first non-prompt id)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def done(self, rows: Sequence[RowState], blocks: int, tokens_per_block: int) -> bool:
         """Whether the loop ends after ``blocks`` generated blocks."""
-        raise NotImplementedError
 
 
 class FirstStop(StopRule):
