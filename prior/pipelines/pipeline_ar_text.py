@@ -42,7 +42,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from prior.models.ar import ARTransformer
-from prior.pipelines.text_generation import TextGenerationMixin
+from prior.pipelines.text_generation import IncrementalDetokenizer, TextGenerationMixin, TextStreamChunk
 from prior.sampling.config import GenerationConfig
 from prior.sampling.stopping import RowState, make_stop_rule
 from prior.sampling.tokens import apply_repetition_penalty, finite_logits, sample_tokens
@@ -59,14 +59,7 @@ class ARTextPipelineOutput(BaseOutput):
     num_model_calls: int = 0
 
 
-@dataclass
-class ARTextStreamChunk:
-    """One step of a streamed generation (a block of one token): the new text and ids of every prompt."""
-
-    block: int
-    texts: list[str]
-    token_ids: list[list[int]]
-    finished: list[bool]
+ARTextStreamChunk = TextStreamChunk  # one step = one token
 
 
 @dataclass
@@ -208,16 +201,9 @@ class ARTextPipeline(TextGenerationMixin, DiffusionPipeline):
         multi-byte characters split over tokens come out whole."""
         prompts = self.check_prompts(prompt, "text")
         config = self.resolve_generation_config(generation_config, **overrides)
-        token_ids = [[] for _ in prompts]
-        texts = ["" for _ in prompts]
+        text = IncrementalDetokenizer(len(prompts), lambda ids: self._decode([ids], config)[0])
         for step in self._generate(prompts, config, generator):
-            new_texts = ["" for _ in prompts]
-            for i, new in enumerate(step.token_ids):
-                if new:
-                    token_ids[i].extend(new)
-                    full = self._decode([token_ids[i]], config)[0]
-                    new_texts[i] = full[len(texts[i]) :] if full.startswith(texts[i]) else full
-                    texts[i] = full
+            new_texts = [text.add(i, new) for i, new in enumerate(step.token_ids)]
             yield ARTextStreamChunk(step.index, new_texts, step.token_ids, step.finished)
 
 

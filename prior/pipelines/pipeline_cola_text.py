@@ -44,7 +44,7 @@ from diffusers.utils import BaseOutput
 
 from modalities.text import TextModality
 from prior.models.mmdit import MMDiT
-from prior.pipelines.text_generation import TextGenerationMixin
+from prior.pipelines.text_generation import IncrementalDetokenizer, TextGenerationMixin, TextStreamChunk
 from prior.sampling.block_sampler import BlockOutput, BlockSampler, NoiseSource, StepState
 from prior.sampling.config import GenerationConfig
 from unimodal.text_vae import TextVAE
@@ -62,14 +62,7 @@ class ColaTextPipelineOutput(BaseOutput):
     num_prior_calls: int = 0
 
 
-@dataclass
-class ColaTextStreamChunk:
-    """One block of a streamed generation: the new text and ids of every prompt."""
-
-    block: int
-    texts: list[str]
-    token_ids: list[list[int]]
-    finished: list[bool]
+ColaTextStreamChunk = TextStreamChunk  # one step = one block
 
 
 class ColaTextPipeline(TextGenerationMixin, DiffusionPipeline):
@@ -134,20 +127,16 @@ class ColaTextPipeline(TextGenerationMixin, DiffusionPipeline):
 
         chunk = sampler.block_size * sampler.patch_size
         longest_trim = max(len(ids) % chunk for ids in prompt_ids)
-        token_ids = [[] for _ in prompts]
-        texts = ["" for _ in prompts]
+        detok = IncrementalDetokenizer(
+            len(prompts), lambda ids: text.detokenize([ids], config.skip_special_tokens)[0]
+        )
         with self.progress_bar(total=math.ceil((config.max_new_tokens + longest_trim) / chunk)) as bar:
             for out in sampler.stream(
                 prompt_ids, generator=generator, noise=noise, step_callback=step_callback
             ):
                 bar.update()
-                new_texts = ["" for _ in prompts]
-                for i, new in enumerate(out.token_ids):
-                    token_ids[i].extend(new)
-                    if decode_text and new:  # 6. decode
-                        full = text.detokenize([token_ids[i]], config.skip_special_tokens)[0]
-                        new_texts[i] = full[len(texts[i]) :] if full.startswith(texts[i]) else full
-                        texts[i] = full
+                # 6. decode
+                new_texts = [detok.add(i, new) if decode_text else "" for i, new in enumerate(out.token_ids)]
                 yield out, new_texts
 
     @torch.no_grad()

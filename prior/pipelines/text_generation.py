@@ -10,10 +10,42 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from prior.pipelines.folders import check_pipeline_class
 from prior.sampling.config import CONFIG_NAME, GenerationConfig
+
+
+@dataclass
+class TextStreamChunk:
+    """One step of a streamed generation (a block; one token for the AR baseline): the new text
+    and ids of every prompt, and which prompts have stopped."""
+
+    block: int
+    texts: list[str]
+    token_ids: list[list[int]]
+    finished: list[bool]
+
+
+class IncrementalDetokenizer:
+    """The new text of each prompt as its ids arrive: the decoded text after the new ids minus the
+    text before them, so multi-byte characters split over steps come out whole."""
+
+    def __init__(self, num_prompts: int, decode: Callable[[list[int]], str]) -> None:
+        self.decode = decode
+        self.token_ids: list[list[int]] = [[] for _ in range(num_prompts)]
+        self.texts = ["" for _ in range(num_prompts)]
+
+    def add(self, i: int, new_ids: list[int]) -> str:
+        """Append prompt ``i``'s new ids; return the text they add (re-decoded whole if it changed)."""
+        if not new_ids:
+            return ""
+        self.token_ids[i].extend(new_ids)
+        full, before = self.decode(self.token_ids[i]), self.texts[i]
+        self.texts[i] = full
+        return full[len(before) :] if full.startswith(before) else full
 
 
 class TextGenerationMixin:
@@ -71,4 +103,4 @@ class TextGenerationMixin:
         return dataclasses.replace(config, **fill) if fill else config
 
 
-__all__ = ["TextGenerationMixin"]
+__all__ = ["IncrementalDetokenizer", "TextGenerationMixin", "TextStreamChunk"]
