@@ -30,11 +30,12 @@ def _find_run_config(path: Path) -> Path | None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from prior.training.multimodal_recipes import MULTIMODAL_TRAINERS
     from prior.training.recipes import TRAINERS
     from prior.training.run_config import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
-    print(TRAINERS[cfg.task](cfg).format())
+    print({**TRAINERS, **MULTIMODAL_TRAINERS}[cfg.task](cfg).format())
 
 
 def cmd_eval_vae(args: argparse.Namespace) -> None:
@@ -152,6 +153,7 @@ QUICKSTART_RECIPES = {
     },
 }
 DEFAULT_RECIPE = "categorical"
+QUICKSTART_DIR = "runs/quickstart"
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -162,6 +164,20 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     from unimodal.text_data import build_text_datasets
     from unimodal.tokenization import load_tokenizer
 
+    if args.multimodal:
+        from prior.quickstart_multimodal import run_multimodal_quickstart
+
+        configs = Path(__file__).resolve().parents[1] / "configs" / "multimodal"
+        if not configs.is_dir():
+            raise FileNotFoundError(
+                f"config folder not found: {configs} (quickstart runs from a source checkout)"
+            )
+        out = Path(args.output_dir if args.output_dir != QUICKSTART_DIR else "runs/quickstart_multimodal")
+        run_multimodal_quickstart(
+            configs, out, args.mm_text_minutes, args.mm_image_minutes, args.mm_prior_minutes, args.mm_eval,
+            {"text_vae": args.vae, "image_vae": args.image_vae, "prior": args.cola},
+        )  # fmt: skip
+        return
     configs = Path(__file__).resolve().parents[1] / "configs" / "text"
     if not configs.is_dir():
         raise FileNotFoundError(
@@ -367,7 +383,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval_samples)
 
     p = sub.add_parser("quickstart", help="tiny Stage 1 + Stage 2 on the embedded corpus, then samples")
-    p.add_argument("--output-dir", default="runs/quickstart")
+    p.add_argument("--output-dir", default=QUICKSTART_DIR)
+    p.add_argument(
+        "--multimodal", action="store_true",
+        help="the image-text path instead: Text VAE on captions, image VAE (AutoencoderKL), text+image prior "
+        "on the embedded shapes; prints both directions' accuracy and writes the PNG grid "
+        "(default output runs/quickstart_multimodal; --vae/--image-vae/--cola override its three configs)",
+    )  # fmt: skip
+    p.add_argument("--mm-text-minutes", type=float, default=2.0, help="--multimodal: Text VAE budget")
+    p.add_argument("--mm-image-minutes", type=float, default=4.0, help="--multimodal: image VAE budget")
+    p.add_argument("--mm-prior-minutes", type=float, default=12.0, help="--multimodal: prior budget")
+    p.add_argument("--mm-eval", type=int, default=96, help="--multimodal: held-out examples per direction")
+    p.add_argument(
+        "--image-vae",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--multimodal: image VAE override",
+    )
     p.add_argument(
         "--recipe", choices=sorted(QUICKSTART_RECIPES), default=DEFAULT_RECIPE,
         help="paper: the configs as written (the paper's configuration); categorical: the extension "

@@ -18,16 +18,58 @@ Design choices
   rescaled. Per-channel ``latents_mean`` / ``latents_std`` configs are refused (not this convention).
 * **Dtype/device.** Inputs are moved to the autoencoder's device and dtype; outputs keep that dtype.
   Decoded images are returned unclamped (clamp to [-1, 1] for display).
+* **Training here** (``task: image_vae``): :class:`ImageVAEConfig` builds a small ``AutoencoderKL``
+  (or loads ``pretrained``); :meth:`ImageVAE.loss` is reconstruction MSE (per pixel, on the
+  posterior sample) + ``kl_weight`` x KL to N(0, I) (per latent element). After training,
+  :meth:`ImageVAE.fit_normalization` sets ``shift_factor`` to the latents' mean and
+  ``scaling_factor`` to 1 / their std over data (the SD recipe's fitted constants), written into
+  the autoencoder's config so ``save_pretrained`` carries them.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from diffusers import AutoencoderKL
+
+
+@dataclass
+class ImageVAEOutput:
+    """The training objective of one batch (all scalars)."""
+
+    loss: torch.Tensor
+    recon: torch.Tensor  # per-pixel MSE of the reconstruction from a posterior sample
+    kl: torch.Tensor  # KL to N(0, I), mean per latent element
+    psnr: torch.Tensor  # dB of the posterior-mode reconstruction on the [-1, 1] range (detached)
+
+
+@dataclass
+class ImageVAEConfig:
+    """A tiny ``AutoencoderKL`` to train here, or a pretrained one (YAML ``image_vae:`` section)."""
+
+    pretrained: str | None = None  # a folder with an AutoencoderKL (e.g. an SD VAE); None: build one
+    subfolder: str | None = None  # e.g. "vae" inside a pipeline folder
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # downsample 2**(n-1)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 16
+    mid_block_add_attention: bool = True
+    kl_weight: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if not self.block_out_channels or min(self.block_out_channels) < 1:
+            raise ValueError(f"image_vae.block_out_channels={self.block_out_channels} must be positive")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(
+                f"image_vae.block_out_channels={self.block_out_channels} must be multiples of "
+                f"norm_num_groups={self.norm_num_groups}"
+            )
+        if self.kl_weight < 0:
+            raise ValueError(f"image_vae.kl_weight={self.kl_weight} must be >= 0")
 
 
 class ImageVAE(nn.Module):
@@ -122,6 +164,56 @@ class ImageVAE(nn.Module):
         """Reconstruction through the posterior mode: ``decode(encode(images))``."""
         return self.decode(self.encode(images))
 
+    # ------------------------------------------------------------------------- training
+
+    @classmethod
+    def from_config(cls, cfg: ImageVAEConfig) -> ImageVAE:
+        """The autoencoder ``cfg`` names: ``pretrained`` loaded, or a fresh tiny ``AutoencoderKL``."""
+        if cfg.pretrained:
+            return cls.from_pretrained(cfg.pretrained, subfolder=cfg.subfolder)
+        n = len(cfg.block_out_channels)
+        autoencoder = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=tuple(cfg.block_out_channels),
+            layers_per_block=cfg.layers_per_block,
+            latent_channels=cfg.latent_channels,
+            norm_num_groups=cfg.norm_num_groups,
+            mid_block_add_attention=cfg.mid_block_add_attention,
+            scaling_factor=1.0,  # fitted on the data after training (fit_normalization)
+        )
+        return cls(autoencoder)
+
+    def loss(
+        self, images: torch.Tensor, kl_weight: float, generator: torch.Generator | None = None
+    ) -> ImageVAEOutput:
+        """Reconstruction MSE from a posterior sample + ``kl_weight`` x KL(q(z|x) || N(0, I))."""
+        self._check_images(images)
+        ae = self.autoencoder
+        posterior = ae.encode(images.to(ae.device, ae.dtype)).latent_dist
+        recon = ae.decode(posterior.sample(generator=generator)).sample  # (B, 3, H, W)
+        mse = (recon.float() - images.float()).pow(2).mean()
+        kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).float().mean()
+        with torch.no_grad():
+            mode = ae.decode(posterior.mode()).sample.float().clamp(-1, 1)
+            psnr = psnr_db(mode, images.float())
+        return ImageVAEOutput(mse + kl_weight * kl, mse.detach(), kl.detach(), psnr)
+
+    @torch.no_grad()
+    def fit_normalization(self, images: torch.Tensor) -> tuple[float, float]:
+        """Set ``shift_factor`` = mean and ``scaling_factor`` = 1 / std of the raw posterior-mode latents
+        of ``images`` (B, 3, H, W); returns (shift, scale). Written into the autoencoder's config."""
+        self._check_images(images)
+        ae = self.autoencoder
+        z = ae.encode(images.to(ae.device, ae.dtype)).latent_dist.mode().float()
+        shift, std = float(z.mean()), float(z.std())
+        if not std > 0:
+            raise ValueError(f"latents have std {std}: cannot fit the scaling factor")
+        ae.register_to_config(shift_factor=shift, scaling_factor=1.0 / std)
+        return shift, 1.0 / std
+
     # ------------------------------------------------------------------------- loading
 
     @classmethod
@@ -152,4 +244,10 @@ class ImageVAE(nn.Module):
         return cls(autoencoder)
 
 
-__all__ = ["ImageVAE"]
+def psnr_db(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Mean PSNR (dB) of images against the reference, both (B, 3, H, W) on the [-1, 1] range (peak 2)."""
+    mse = (images.float() - reference.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)  # (B,)
+    return (10 * torch.log10(4.0 / mse)).mean()
+
+
+__all__ = ["ImageVAE", "ImageVAEConfig", "ImageVAEOutput", "psnr_db"]

@@ -18,7 +18,9 @@ forward overwrites. Per layer it
 holds post-RoPE keys and values; the metadata ``positions (B, S)`` and ``valid (B, S)`` let masks
 treat cached keys exactly like fresh ones (a sample's prefix may be shorter than another's: its
 missing slots are invalid). Caching post-RoPE keys is exact: RoPE and the per-token key norms are
-deterministic per position.
+deterministic per position. A model whose attention blocks are not ``position // block_size`` (the
+multimodal prior: an image is one block) also commits per-token block ids (``blocks (B, S)``),
+so a later query's mask reads the cached keys' blocks instead of guessing them from positions.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class KVCache:
     values: list[torch.Tensor | None] = field(default_factory=list)
     positions: torch.Tensor | None = None  # (B, S) int64 of the committed tokens
     valid: torch.Tensor | None = None  # (B, S) bool
+    blocks: torch.Tensor | None = None  # (B, S) int64 attention-block ids, when the model commits them
 
     def __post_init__(self) -> None:
         if not self.keys:
@@ -67,6 +70,15 @@ class KVCache:
         self._check_batch(q_pos.shape[0])
         return torch.cat((self.positions, q_pos), dim=1), torch.cat((self.valid, q_valid), dim=1)
 
+    def key_blocks(self, q_blocks: torch.Tensor) -> torch.Tensor:
+        """Block ids of the keys a forward sees: [cache ; new tokens], (B, S + Lq)."""
+        if self.positions is None:
+            return q_blocks
+        if self.blocks is None:
+            raise ValueError("the KV cache was filled without block ids; commit them with every advance")
+        self._check_batch(q_blocks.shape[0])
+        return torch.cat((self.blocks, q_blocks), dim=1)
+
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[committed ; new] keys and values for attention, (B, H, S + Lq, D), as views.
 
@@ -75,8 +87,15 @@ class KVCache:
         self._check_batch(k.shape[0])
         return self._place(layer, k, v)
 
-    def advance(self, q_pos: torch.Tensor, q_valid: torch.Tensor) -> None:
-        """Commit the tokens the last forward placed in every layer by recording their metadata."""
+    def advance(
+        self, q_pos: torch.Tensor, q_valid: torch.Tensor, q_blocks: torch.Tensor | None = None
+    ) -> None:
+        """Commit the tokens the last forward placed in every layer by recording their metadata
+        (and their block ids ``q_blocks`` (B, Lq), for a cache that keeps them from the start)."""
+        if q_blocks is not None:
+            self.blocks = self.key_blocks(q_blocks)
+        elif self.blocks is not None:
+            raise ValueError("this KV cache keeps block ids: pass q_blocks to advance")
         self.positions, self.valid = self.key_metadata(q_pos, q_valid)
 
     def _place(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

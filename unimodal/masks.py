@@ -168,9 +168,36 @@ def two_l_mask(
         n2     x  x  .  .  .  .  x  x
         n3     x  x  .  .  .  .  x  x
     """
-    blk = _block_index(positions, block_size)
-    valid = _ones(positions) if valid is None else valid
-    doc = torch.zeros_like(positions) if doc is None else doc
+    return two_l_block_mask(_block_index(positions, block_size), noisy, valid, doc)
+
+
+def two_l_block_mask(
+    block_ids: torch.Tensor,
+    noisy: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    doc: torch.Tensor | None = None,
+) -> AttentionMask:
+    """The 2L mask over explicit block ids (B, 2L), shared by both copies: :func:`two_l_mask`'s three
+    rules for layouts whose blocks are not ``position // block_size``.
+
+    Example, image->text: ``[image i0 i1 (block 0)][text t0 t1 (block 1)]``, clean copy first::
+
+              ci0 ci1 ct0 ct1 ni0 ni1 nt0 nt1
+        ci0    x   x   .   .   .   .   .   .
+        ci1    x   x   .   .   .   .   .   .
+        ct0    x   x   x   x   .   .   .   .
+        ct1    x   x   x   x   .   .   .   .
+        ni0    .   .   .   .   x   x   .   .
+        ni1    .   .   .   .   x   x   .   .
+        nt0    x   x   .   .   .   .   x   x
+        nt1    x   x   .   .   .   .   x   x
+
+    The noisy image (block 0) sees only itself (unconditional image generation); the noisy caption
+    sees the clean image and itself (captioning).
+    """
+    blk = block_ids
+    valid = _ones(blk) if valid is None else valid
+    doc = torch.zeros_like(blk) if doc is None else doc
 
     def mask_mod(b, h, q, kv):
         qb, kb, qn, kn = blk[b, q], blk[b, kv], noisy[b, q], noisy[b, kv]
@@ -180,6 +207,4 @@ def two_l_mask(
         same_doc = doc[b, kv] == doc[b, q]
         return same_doc & (block_diagonal | offset_causal | clean_causal) & (valid[b, kv] | ~valid[b, q])
 
-    return AttentionMask(
-        mask_mod, positions.shape[0], positions.shape[1], positions.shape[1], positions.device
-    )
+    return AttentionMask(mask_mod, blk.shape[0], blk.shape[1], blk.shape[1], blk.device)

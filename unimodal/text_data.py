@@ -67,7 +67,8 @@ from transformers import PreTrainedTokenizerFast
 
 from unimodal.tokenization import check_special_tokens
 
-SOURCES = ("embedded", "text", "jsonl", "hf", "webdataset")
+SOURCES = ("embedded", "text", "jsonl", "hf", "webdataset", "shapes")
+SHAPES_CAPTIONS = 20000  # data.source=shapes: captions of the embedded image set's training split
 TEXT_UNITS = ("paragraph", "file")
 EMBEDDED_CORPUS_VERSION = 1  # bump when the extraction or cleaning rules change (invalidates caches)
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
@@ -78,7 +79,7 @@ _TOKENIZE_BATCH = 1024
 class DataConfig:
     """Where the text comes from and how it is packed. The ``data:`` YAML section mirrors it."""
 
-    source: str = "embedded"  # embedded | text | jsonl | hf | webdataset
+    source: str = "embedded"  # embedded | text | jsonl | hf | webdataset | shapes (image captions)
     paths: list[str] = field(default_factory=list)  # files, folders, globs (text/jsonl/webdataset)
     val_paths: list[str] = field(default_factory=list)  # explicit validation files; else hash split
     text_field: str = "text"  # jsonl key / HF column
@@ -105,7 +106,7 @@ class DataConfig:
             raise ValueError(f"data.max_documents={self.max_documents} must be >= 1")
         if self.source in ("text", "jsonl", "webdataset") and not self.paths:
             raise ValueError(f"data.paths is empty for data.source={self.source!r}")
-        if self.source in ("embedded", "hf") and (self.paths or self.val_paths):
+        if self.source in ("embedded", "hf", "shapes") and (self.paths or self.val_paths):
             where = f"data.source={self.source!r}"
             raise ValueError(f"data.paths / data.val_paths are set but {where} reads no files")
         if self.source == "hf" and not self.hf_name:
@@ -360,6 +361,10 @@ def read_webdataset_documents(urls: Sequence[str]) -> list[str]:
 def _read_source(cfg: DataConfig, paths: Sequence[str], hf_split: str) -> list[str]:
     if cfg.source == "embedded":
         return embedded_documents(cfg.cache_dir)
+    if cfg.source == "shapes":  # the captions of unimodal.shapes (a Text VAE for the image-text path)
+        from unimodal.shapes import caption, draw_attributes
+
+        return [caption(draw_attributes(i, "train")) for i in range(SHAPES_CAPTIONS)]
     if cfg.source == "text":
         return read_text_documents(paths, cfg.text_unit)
     if cfg.source == "jsonl":

@@ -37,7 +37,7 @@ Design choices
   over a batch-B cache.
 * **Two output parameterisations** (``prediction``): ``velocity`` (released) regresses
   ``eps - z0``; ``categorical`` (an extension, CDCD's score interpolation) predicts logits over the
-  ``vocab_size`` token ids of a single text stream, takes the clean estimate
+  ``vocab_size`` token ids for the ``text`` stream, takes the clean estimate
   ``x0 = softmax(logits) @ token_latents`` (the latent of every token id, a buffer the recipe fills
   from a token-local Text VAE) and returns the velocity that estimate implies,
   ``(z_t - x0) / t``: the sampler and CFG see a velocity either way, the trainer a cross-entropy.
@@ -60,7 +60,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from unimodal.attention import BACKENDS, Rotary, apply_rope, attention, rope_inv_freq, rotary
 from unimodal.kv_cache import KVCache
-from unimodal.masks import AttentionMask, block_causal_mask
+from unimodal.masks import AttentionMask, block_id_mask
 
 PREDICTIONS = ("velocity", "categorical")
 TIME_FREQ_DIM = 256  # sinusoid width of the timestep embedding (released: fixed)
@@ -71,7 +71,8 @@ Tensors = torch.Tensor | dict[str, torch.Tensor]
 @dataclass
 class MMDiTOutput:
     """``velocity``: (B, L, C) for a tensor input, or {modality: (B, L_m, C_m)} for a dict input;
-    ``logits``: (B, L, V) fp32 of the categorical head (``prediction="categorical"``), else None."""
+    ``logits``: (B, L_text, V) fp32 of the text stream's categorical head (``prediction="categorical"``),
+    else None."""
 
     velocity: Tensors
     logits: torch.Tensor | None = None
@@ -295,9 +296,9 @@ class MMDiT(ModelMixin, ConfigMixin):
         modalities, in_channels = list(modalities), list(in_channels)
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
-        if prediction == "categorical" and (len(modalities) != 1 or vocab_size < 1):
+        if prediction == "categorical" and ("text" not in modalities or vocab_size < 1):
             raise ValueError(
-                f"prediction='categorical' needs one modality and vocab_size >= 1, got {modalities}, {vocab_size}"
+                f"prediction='categorical' needs a 'text' modality and vocab_size >= 1, got {modalities}, {vocab_size}"
             )
         if not modalities or len(modalities) != len(in_channels):
             raise ValueError(f"need one in_channels per modality, got {modalities} and {in_channels}")
@@ -317,12 +318,15 @@ class MMDiT(ModelMixin, ConfigMixin):
             MMDiTBlock(modalities, width, heads, head_dim, mlp_hidden, norm_eps, qk_bias, layer=i)
             for i in range(num_layers)
         )
-        out_channels = [vocab_size] if prediction == "categorical" else in_channels
+        out_channels = [vocab_size if prediction == "categorical" and m == "text" else c
+                        for m, c in zip(modalities, in_channels)]  # fmt: skip
         self.final = nn.ModuleDict(
             {m: FinalLayer(width, c, norm_eps) for m, c in zip(modalities, out_channels)}
         )
         if prediction == "categorical":  # the latent of every token id (set from the VAE)
-            self.register_buffer("token_latents", torch.zeros(vocab_size, in_channels[0]))
+            self.register_buffer(
+                "token_latents", torch.zeros(vocab_size, in_channels[modalities.index("text")])
+            )
         self._freqs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.gradient_checkpointing = False
         self.initialize_weights()
@@ -417,6 +421,7 @@ class MMDiT(ModelMixin, ConfigMixin):
         kv_cache: KVCache | None = None,
         update_cache: bool = False,
         context_free_rows: int = 0,
+        block_ids: Tensors | None = None,
     ) -> MMDiTOutput:
         """Velocity of the latents ``x`` at per-token ``timestep`` (0..1000).
 
@@ -427,6 +432,9 @@ class MMDiT(ModelMixin, ConfigMixin):
         ``context_free_rows``: the last R rows attend over their own tokens only, never the cache
         (CFG's unconditional branch in the same batched forward: the block alone, at positions
         0..L-1 by default); the cache then holds the first B - R rows.
+        block_ids: (B, L) int attention block of every token (or a dict), default
+        ``positions // block_size``; the default mask lets a token see keys of blocks <= its own
+        (the multimodal layouts: an image is one block). They are committed to the cache with the keys.
         """
         xs = self._segments(x)
         first = next(iter(xs.values()))
@@ -457,14 +465,19 @@ class MMDiT(ModelMixin, ConfigMixin):
                 positions[:n] += kv_cache.lengths()[:, None]  # queries continue each sample
         else:
             positions = self._per_token(positions, xs, "positions").long()
+        if block_ids is None:
+            block_ids = torch.div(positions, self.config.block_size, rounding_mode="floor")  # (B, L)
+        else:
+            block_ids = self._per_token(block_ids, xs, "block_ids").long()
         mask_alone = None
         if attn_mask is None:
-            bs = self.config.block_size
-            q_pos, q_valid = positions[:n], valid[:n]
-            k_pos, k_valid = (q_pos, q_valid) if kv_cache is None else kv_cache.key_metadata(q_pos, q_valid)
-            attn_mask = block_causal_mask(q_pos, k_pos, bs, q_valid, k_valid)
+            q_blk, q_valid = block_ids[:n], valid[:n]
+            k_blk, k_valid = (q_blk, q_valid)
+            if kv_cache is not None:
+                k_valid, k_blk = kv_cache.key_metadata(positions[:n], q_valid)[1], kv_cache.key_blocks(q_blk)
+            attn_mask = block_id_mask(q_blk, k_blk, q_valid, k_valid)
             if n < batch:
-                mask_alone = block_causal_mask(positions[n:], positions[n:], bs, valid[n:], valid[n:])
+                mask_alone = block_id_mask(block_ids[n:], block_ids[n:], valid[n:], valid[n:])
 
         inv_freq, time_freqs = self._frequencies(device)
         distinct, index = torch.unique(t, return_inverse=True)  # (U,), (B, L or 1)
@@ -485,9 +498,9 @@ class MMDiT(ModelMixin, ConfigMixin):
             else:
                 h = block(h, cs, ctx)
         if update_cache:
-            kv_cache.advance(positions, valid)
+            kv_cache.advance(positions, valid, block_ids)
         out = {m: self.final[m](h[m], cs[m]) for m in h}  # {m: (B, L_m, C_m)}
-        if self.config.prediction == "categorical":
+        if self.config.prediction == "categorical" and "text" in xs:
             return self._categorical(xs, t, out, isinstance(x, dict))
         return MMDiTOutput(out if isinstance(x, dict) else out[next(iter(out))])
 
@@ -504,11 +517,15 @@ class MMDiT(ModelMixin, ConfigMixin):
     def _categorical(
         self, xs: dict[str, torch.Tensor], t: torch.Tensor, out: dict, as_dict: bool
     ) -> MMDiTOutput:
-        """Logits -> clean estimate ``x0 = softmax(logits) @ token_latents`` -> velocity ``(z_t - x0) / t``
-        (rectified flow: ``z_t = (1 - t) x0 + t eps``). At t = 0 (clean tokens) the velocity is 0."""
-        (m, z_t), logits = next(iter(xs.items())), out[next(iter(xs))].float()  # (B, L, C), (B, L, V)
-        x0 = logits.softmax(-1) @ self.token_latents.float()  # (B, L, C)
-        tt = (t.float() / 1000.0)[..., None]  # (B, L or 1, 1)
+        """Text logits -> clean estimate ``x0 = softmax(logits) @ token_latents`` -> velocity ``(z_t - x0) / t``
+        (rectified flow: ``z_t = (1 - t) x0 + t eps``). At t = 0 (clean tokens) the velocity is 0. The
+        other streams' outputs are velocities already."""
+        z_t, logits = xs["text"], out["text"].float()  # (B, L_text, C), (B, L_text, V)
+        if t.shape[1] > 1:  # per-token timesteps over the joint sequence: the text segment's
+            start = sum(v.shape[1] for m, v in xs.items() if list(xs).index(m) < list(xs).index("text"))
+            t = t[:, start : start + z_t.shape[1]]
+        x0 = logits.softmax(-1) @ self.token_latents.float()  # (B, L_text, C)
+        tt = (t.float() / 1000.0)[..., None]  # (B, L_text or 1, 1)
         velocity = torch.where(tt > 0, (z_t.float() - x0) / tt.clamp_min(1e-4), torch.zeros_like(x0))
-        velocity = velocity.to(z_t.dtype)
-        return MMDiTOutput({m: velocity} if as_dict else velocity, logits)
+        out = {**out, "text": velocity.to(z_t.dtype)}
+        return MMDiTOutput(out if as_dict else out["text"], logits)

@@ -80,6 +80,16 @@ NoiseSource = Sequence[torch.Tensor] | Callable[[int, tuple[int, ...]], torch.Te
 
 
 @dataclass
+class Context:
+    """Segments already in the prior's cache before the text segment (e.g. an image to caption)."""
+
+    cache: KVCache  # the prior cache, prefilled (committed) with the context segments
+    positions: torch.Tensor  # (B,) int64 position where the text segment starts in each row
+    blocks: torch.Tensor  # (B,) int64 block id of the text segment's first block
+    prior_calls: int = 0  # prior forwards spent on the context
+
+
+@dataclass
 class StepState:
     """What a step callback sees (after the Euler update of ``step`` in ``block``)."""
 
@@ -141,10 +151,13 @@ class BlockSampler:
             raise ValueError(
                 f"text modality block_size {text.block_size} != prior block_size {self.block_size}"
             )
-        if list(prior.config.in_channels) != [self.latent_dim]:
+        channels = dict(zip(prior.config.modalities, prior.config.in_channels))
+        if channels.get("text") != self.latent_dim:
             raise ValueError(
-                f"prior in_channels {prior.config.in_channels} != VAE latent_dim [{self.latent_dim}]"
+                f"prior in_channels {prior.config.in_channels} (modalities {prior.config.modalities}) have "
+                f"no text stream of the VAE latent_dim {self.latent_dim}"
             )
+        self.multimodal = len(channels) > 1  # the prior takes {modality: latents}
         if self.block_size % text.vae.config.block_size:
             raise ValueError(
                 f"prior block_size {self.block_size} must be a multiple of the VAE block_size "
@@ -255,7 +268,11 @@ class BlockSampler:
     # ------------------------------------------------------------------ the block loop
 
     @torch.no_grad()
-    def _blocks(self, rows: list[RowState], generator, noise, step_callback) -> Iterator[BlockOutput]:
+    def _blocks(
+        self, rows: list[RowState], generator, noise, step_callback, context: Context | None = None
+    ) -> Iterator[BlockOutput]:
+        """The text loop. ``context``: a prior cache already prefilled with earlier segments (an image
+        before the caption) and where the text segment starts in it (positions and blocks, per row)."""
         cfg, bs, text = self.config, self.block_size, self.text
         batch, device = len(rows), self._device()
         rule = make_stop_rule(
@@ -264,14 +281,20 @@ class BlockSampler:
         prefix_len = torch.tensor([r.prefix for r in rows], device=device)  # (B,)
         prefix, prefix_valid, known, known_mask = self._encode(rows, device)
 
-        # 1. prefill both caches with the prompt's whole blocks
-        prior_cache = KVCache(self.prior.config.num_layers)
+        # 1. prefill both caches with the prompt's whole blocks (after the context, if any)
+        prior_cache = KVCache(self.prior.config.num_layers) if context is None else context.cache
+        pos0 = None if context is None else context.positions.to(device)[:, None]  # (B, 1) text start
+        blk0 = None if context is None else context.blocks.to(device)[:, None]
         decoder_cache = text.new_decoder_cache()
-        calls = 0
+        calls = 0 if context is None else context.prior_calls
         if prefix.shape[1] > 0:
             positions = torch.arange(prefix.shape[1], device=device).expand(batch, -1)  # (B, P)
             zeros = torch.zeros(batch, device=device)  # t = 0 for every prefix token
-            self._prior(prefix, zeros, positions, prior_cache, update=True, valid=prefix_valid)
+            blocks = None if context is None else blk0 + positions // bs
+            shifted = positions if context is None else pos0 + positions
+            self._prior(
+                prefix, zeros, shifted, prior_cache, update=True, valid=prefix_valid, block_ids=blocks
+            )
             calls += 1
             text.decode_logits(prefix, positions, decoder_cache, prefix_valid, update_cache=True)
 
@@ -280,13 +303,19 @@ class BlockSampler:
         for k in range(self._max_blocks(rows)):
             # 2. transport one block from noise to clean latents (cache read-only)
             positions = prefix_len[:, None] + k * bs + torch.arange(bs, device=device)  # (B, bs)
-            w = torch.where(prefix_len == 0, 1.0, guidance) if k == 0 else guidance
+            conditioned = prefix_len > 0 if context is None else torch.ones_like(prefix_len, dtype=torch.bool)
+            w = torch.where(conditioned, guidance, 1.0) if k == 0 else guidance
             eps = self._noise(noise, k, batch, generator, device)
             pin = (known, known_mask) if k == 0 else None
-            x, steps = self._transport(eps, positions, w, pin, prior_cache, k, step_callback)
+            shifted, blocks = positions, None  # prior positions and block ids of the block
+            if context is not None:
+                shifted, blocks = pos0 + positions, (blk0 + positions // bs).expand(batch, bs)
+            x, steps = self._transport(eps, shifted, w, pin, prior_cache, k, step_callback, block_ids=blocks)
             calls += steps
             # 3. commit the block to the prior cache, decode it with the VAE decoder's cache
-            self._prior(x, torch.zeros(batch, device=device), positions, prior_cache, update=True)
+            self._prior(
+                x, torch.zeros(batch, device=device), shifted, prior_cache, update=True, block_ids=blocks
+            )
             calls += 1
             logits = text.decode_logits(x, positions, decoder_cache, update_cache=True)
             # 4. sample tokens, apply the stop rule
@@ -317,12 +346,25 @@ class BlockSampler:
             scheduler.set_timesteps(sigmas=(grid / 1000).numpy(), device=device)
         scheduler.set_begin_index(0)
 
-    def _transport(self, eps, positions, w, pin, cache: KVCache, block: int, callback):
-        """K Euler steps on one block. eps (B, bs, d), positions (B, bs), w (B,). -> (x, prior calls)."""
+    def _transport(
+        self,
+        eps,
+        positions,
+        w,
+        pin,
+        cache: KVCache,
+        block: int,
+        callback,
+        block_ids=None,
+        modality: str = "text",
+    ):
+        """K Euler steps on one block of ``modality``. eps (B, bs, d), positions (B, bs), w (B,),
+        block_ids (B, bs) or None (``position // block_size``). -> (x, prior calls)."""
         cfg, sched = self.config, self.scheduler
         batch, bs, _ = eps.shape
         lo, hi = cfg.guidance_interval or (0.0, 1.0)
         alone = torch.arange(bs, device=eps.device).expand(batch, bs)  # unconditional: block alone
+        both_blocks = None if block_ids is None else torch.cat((block_ids, torch.zeros_like(block_ids)))
         known, mask = pin if pin is not None else (None, None)
         has_pin = mask is not None and bool(mask.any())
         clean = has_pin and cfg.first_block == "clean_repaint"
@@ -345,12 +387,12 @@ class BlockSampler:
             if guided:
                 v_all = self._prior(
                     torch.cat((x, x)), torch.cat((t_in, t_in)), torch.cat((positions, alone)), cache,
-                    context_free_rows=batch,
+                    context_free_rows=batch, block_ids=both_blocks, modality=modality,
                 )  # fmt: skip
                 v_c, v_u = v_all.chunk(2)
                 v = w[:, None, None] * (v_c - v_u) + v_u  # (B, bs, d)
             else:
-                v_c = v = self._prior(x, t_in, positions, cache)
+                v_c = v = self._prior(x, t_in, positions, cache, block_ids=block_ids, modality=modality)
                 v_u = None
             x_new = sched.step(v, t, x).prev_sample
             if clean:
@@ -363,14 +405,16 @@ class BlockSampler:
         return x, len(sched.timesteps)
 
     def _prior(
-        self, x, t, positions, cache: KVCache, update: bool = False, valid=None, context_free_rows: int = 0
-    ) -> torch.Tensor:
-        # one prior forward: x (B, L, d) fp32 -> velocity (B, L, d) fp32
+        self, x, t, positions, cache: KVCache, update: bool = False, valid=None, context_free_rows: int = 0,
+        block_ids=None, modality: str = "text",
+    ) -> torch.Tensor:  # fmt: skip
+        # one prior forward of one segment: x (B, L, d) fp32 -> velocity (B, L, d) fp32
+        x = x.to(self.prior.dtype)
         out = self.prior(
-            x.to(self.prior.dtype), t, positions=positions, valid=valid, kv_cache=cache,
-            update_cache=update, context_free_rows=context_free_rows,
+            {modality: x} if self.multimodal else x, t, positions=positions, valid=valid, kv_cache=cache,
+            update_cache=update, context_free_rows=context_free_rows, block_ids=block_ids,
         )  # fmt: skip
-        return out.velocity.float()
+        return (out.velocity[modality] if self.multimodal else out.velocity).float()
 
     def _noise(self, noise: NoiseSource, block: int, batch: int, generator, device) -> torch.Tensor:
         shape = (batch, self.block_size, self.latent_dim)
@@ -407,4 +451,4 @@ class BlockSampler:
         return next(self.prior.parameters()).device
 
 
-__all__ = ["BlockOutput", "BlockSampler", "NoiseSource", "SamplerOutput", "StepState"]
+__all__ = ["BlockOutput", "BlockSampler", "Context", "NoiseSource", "SamplerOutput", "StepState"]

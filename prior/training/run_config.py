@@ -10,7 +10,9 @@ A run YAML has one section per module, each validated against that module's own 
 
 Stage-2 runs add ``stage1`` (the Stage-1 run or export to start from), ``prior`` (MMDiT),
 ``flow`` (flow matching), ``joint`` (the joint-training mode) and ``generation`` (samples printed at
-the end). The matched autoregressive baseline (``task: ar``) reads ``stage1`` (its tokenizer only,
+the end). ``task: image_vae`` trains an ``AutoencoderKL`` (``image_vae:``) on ``image_data:``;
+``task: multimodal`` trains the text+image MMDiT (``prior:``, ``flow:``, ``multimodal:``) on
+``image_data:`` pairs, from the Text VAE and image VAE runs named in ``multimodal:``. The matched autoregressive baseline (``task: ar``) reads ``stage1`` (its tokenizer only,
 so both systems see identical tokens), ``ar`` (:class:`~prior.models.ar.ARTransformer`, its
 ``vocab_size`` derived from the tokenizer) and ``generation``. Loading goes through
 :func:`unimodal.config.load_config`: unknown keys, wrong types and missing files are one-line
@@ -34,13 +36,16 @@ from prior.models.mmdit import MMDiT
 from prior.sampling.config import GenerationConfig
 from prior.training.flow_matching import FlowMatchingConfig
 from prior.training.joint import JointConfig
+from prior.training.multimodal import MultimodalConfig
 from prior.training.trainer_config import TrainerConfig
 from unimodal.config import ConfigError, load_config, schema_from_signature
+from unimodal.image_text_data import ImageTextDataConfig
+from unimodal.image_vae import ImageVAEConfig
 from unimodal.text_data import DataConfig
 from unimodal.text_vae import TextVAE
 from unimodal.tokenization import TokenizerConfig
 
-TASKS = ("vae", "cola", "ar")
+TASKS = ("vae", "cola", "ar", "image_vae", "multimodal")
 
 TextVAEConfig = schema_from_signature(TextVAE, derived=("vocab_size",))  # from the tokenizer
 MMDiTConfig = schema_from_signature(MMDiT, derived=("in_channels",))  # from the VAE's latent_dim
@@ -64,6 +69,10 @@ class RunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # saved in every export
     # the autoregressive baseline (task: ar); its tokenizer comes from stage1
     ar: ARTransformerConfig = field(default_factory=ARTransformerConfig)
+    # the unified text-image path: the image VAE (task: image_vae) and the multimodal prior
+    image_data: ImageTextDataConfig = field(default_factory=ImageTextDataConfig)
+    image_vae: ImageVAEConfig = field(default_factory=ImageVAEConfig)
+    multimodal: MultimodalConfig = field(default_factory=MultimodalConfig)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -71,10 +80,10 @@ class RunConfig:
         if self.builds_vae:
             if self.vae is None:
                 self.vae = TextVAEConfig()
-        elif self.vae is not None and self.task == "ar":
+        elif self.vae is not None and self.task in ("ar", "image_vae", "multimodal"):
             raise ConfigError(
-                "vae: is unused by task: ar (it builds no VAE; its tokenizer comes from the Stage-1 run "
-                "named by stage1:); remove the vae: section"
+                f"vae: is unused by task: {self.task} (it builds no Text VAE; a Text VAE comes from a Stage-1 run "
+                "folder); remove the vae: section"
             )
         elif self.vae is not None:
             raise ConfigError(

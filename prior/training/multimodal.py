@@ -1,0 +1,247 @@
+"""The unified text-image objective: one block-causal MMDiT trained by flow matching on mixed layouts.
+
+``MultimodalModel`` holds the frozen Text VAE, the frozen image VAE (diffusers ``AutoencoderKL``)
+and the MMDiT prior with a ``text`` and an ``image`` stream; ``multimodal_loss_fn`` is the
+trainer's loss function, so the image-text prior trains in the same trainer as every other stage.
+
+Design choices
+--------------
+* **Mixed layouts in one batch.** Every row draws its layout from ``layout_weights``
+  (:mod:`modalities.layout`): ``text_to_image`` ``[caption][image]``, ``image_to_text``
+  ``[image][caption]`` (so each pair is seen in both orders) and ``text`` (the caption alone).
+  Segments are placed per row by :func:`modalities.layout.place_segments`; the model's dict input
+  carries both streams for every row, with the segment a row omits marked invalid.
+* **The 2L pass on any layout** (:func:`build_multimodal_2l`): each stream holds ``[clean ; noisy]``
+  copies sharing positions and block ids; :func:`unimodal.masks.two_l_block_mask` over the block
+  ids gives every noisy block its own noisy block plus the clean blocks before it. Every block draws
+  its own ``t`` (logit-normal with the ``loc`` of its modality's latent dim, :mod:`flow_matching`).
+  Condition dropout (``flow.p_uncond``) cuts a row's noisy blocks off the clean context, whatever
+  the layout: the unconditional branch of CFG (the block alone) for text and images alike. Prompt
+  pieces (``prompt_block_prob``) are a text-continuation device and are not drawn here.
+* **Loss**: per stream, a masked mean over its noisy valid tokens: the velocity MSE
+  (``eps - z0``) for images, and for text the token cross-entropy of a categorical prior (CDCD)
+  or the velocity MSE; ``loss = sum_m loss_weights[m] * loss_m``.
+* **Frozen autoencoders.** Latents come from both VAEs under ``no_grad`` (posterior modes: the
+  latents the sampler's context encoding and decoders see); only the prior trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from modalities.image import ImageModality
+from modalities.layout import get_layout, place_segments, segment_order
+from modalities.registry import LatentSequence
+from modalities.text import TextModality
+from prior.training.flow_matching import FlowMatchingConfig, RectifiedFlowPath, cut_clean_context, sample_t
+from prior.training.outputs import LossOutput
+from unimodal.masks import AttentionMask, two_l_block_mask
+
+
+@dataclass
+class MultimodalConfig:
+    """The unified prior's data mix and loss (YAML ``multimodal:`` section)."""
+
+    text_vae: str | None = None  # Stage-1 Text VAE run folder or export (trained on the captions)
+    image_vae: str | None = None  # image VAE run folder / export, or any AutoencoderKL folder
+    patch_size: int = 2  # image latents are cut into patch_size x patch_size tokens
+    layout_weights: dict[str, float] = field(
+        default_factory=lambda: {"text_to_image": 0.45, "image_to_text": 0.45, "text": 0.1}
+    )
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "image": 1.0})
+
+    def __post_init__(self) -> None:
+        for name in self.layout_weights:
+            get_layout(name)
+        if (
+            not self.layout_weights
+            or min(self.layout_weights.values()) < 0
+            or sum(self.layout_weights.values()) <= 0
+        ):
+            raise ValueError(
+                f"multimodal.layout_weights={dict(self.layout_weights)} needs non-negative weights, sum > 0"
+            )
+        if set(self.loss_weights) != {"text", "image"}:
+            raise ValueError(
+                f"multimodal.loss_weights must name text and image, got {sorted(self.loss_weights)}"
+            )
+        if self.patch_size < 1:
+            raise ValueError(f"multimodal.patch_size={self.patch_size} must be >= 1")
+
+
+# ----------------------------------------------------------------------------- the 2L layout
+
+
+@dataclass
+class MultimodalTwoL:
+    """One teacher-forcing forward over ``{modality: [clean ; noisy]}`` and its loss targets."""
+
+    x: dict[str, torch.Tensor]  # {m: (B, 2N_m, d_m)}
+    timestep: dict[str, torch.Tensor]  # {m: (B, 2N_m)} 0..1000, clean copies at 0
+    positions: dict[str, torch.Tensor]  # {m: (B, 2N_m)}
+    valid: dict[str, torch.Tensor]  # {m: (B, 2N_m)}
+    attn_mask: AttentionMask  # over the model's concatenation order of the streams
+    target: dict[str, torch.Tensor]  # {m: (B, N_m, d_m)} eps - z0
+    loss_mask: dict[str, torch.Tensor]  # {m: (B, N_m)} valid noisy tokens
+    t: dict[str, torch.Tensor]  # {m: (B, N_m)} in (0, 1)
+    uncond: torch.Tensor  # (B,) rows cut off from the clean context
+
+
+def build_multimodal_2l(
+    segments: dict[str, LatentSequence],
+    modality_order: list[str],
+    cfg: FlowMatchingConfig,
+    generator: torch.Generator | None = None,
+    *,
+    eps: dict[str, torch.Tensor] | None = None,
+    t: dict[str, torch.Tensor] | None = None,
+    uncond: torch.Tensor | None = None,
+) -> MultimodalTwoL:
+    """The 2L layout of placed segments (positions and block ids already joint, e.g. by
+    :func:`~modalities.layout.place_segments`). ``modality_order`` is the prior's stream order (the
+    order its forward concatenates the dict); overrides ``eps``/``t`` per modality and ``uncond``
+    (B,) are for tests. Random draws, in order: t per block per modality, eps per modality, uncond."""
+    names = [m for m in modality_order if m in segments]
+    first = segments[names[0]]
+    batch, dev = first.batch_size, first.latents.device
+    num_blocks = 1 + max(int(s.block_ids.masked_fill(~s.valid, 0).max()) for s in segments.values())
+    x, ts, pos, val, target, loss_mask, t_out, blk, noisy = {}, {}, {}, {}, {}, {}, {}, [], []
+    for m in names:
+        s = segments[m]
+        blocks = s.block_ids.clamp(0, num_blocks - 1)
+        if t is None:
+            t_m = sample_t((batch, num_blocks), cfg, s.latent_dim, dev, generator).gather(1, blocks)  # (B, N)
+        else:
+            t_m = t[m].to(dev, torch.float32)
+        e = eps[m] if eps is not None else torch.randn(s.latents.shape, generator=generator, device=dev)
+        path = RectifiedFlowPath().sample(s.latents, e.to(s.latents), t_m)
+        x[m] = torch.cat((s.latents, path.z_t), dim=1)
+        ts[m] = torch.cat((torch.zeros_like(t_m), 1000.0 * t_m), dim=1)
+        pos[m] = torch.cat((s.positions, s.positions), dim=1)
+        val[m] = torch.cat((s.valid, s.valid), dim=1)
+        target[m], loss_mask[m], t_out[m] = path.target, s.valid, t_m
+        blk.append(torch.cat((s.block_ids, s.block_ids), dim=1))
+        noisy.append(torch.cat((torch.zeros_like(s.valid), torch.ones_like(s.valid)), dim=1))
+    if uncond is None:
+        uncond = torch.rand(batch, generator=generator, device=dev) < cfg.p_uncond
+    blk_all, noisy_all = torch.cat(blk, 1), torch.cat(noisy, 1)
+    mask = two_l_block_mask(blk_all, noisy_all, torch.cat([val[m] for m in names], 1))
+    if cfg.p_uncond > 0 or bool(uncond.any()):
+        mask = cut_clean_context(mask, noisy_all, uncond.to(dev))
+    return MultimodalTwoL(x, ts, pos, val, mask, target, loss_mask, t_out, uncond)
+
+
+@dataclass
+class MultimodalLoss:
+    loss: torch.Tensor  # () differentiable
+    per_modality: dict[str, torch.Tensor]  # {m: ()} detached: text CE (categorical) or MSE, image MSE
+    counts: dict[str, torch.Tensor]  # {m: ()} noisy valid tokens
+
+
+def multimodal_flow_loss(
+    prior: nn.Module,
+    segments: dict[str, LatentSequence],
+    cfg: FlowMatchingConfig,
+    loss_weights: dict[str, float],
+    text_targets: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> MultimodalLoss:
+    """One 2L forward of ``prior`` on placed ``segments`` and the weighted per-stream losses.
+    ``text_targets`` (B, N_text): token ids of the text latents (a categorical prior's CE targets)."""
+    batch = build_multimodal_2l(segments, list(prior.config.modalities), cfg, generator)
+    out = prior(
+        batch.x, batch.timestep, positions=batch.positions, valid=batch.valid, attn_mask=batch.attn_mask
+    )
+    total, parts, counts = 0.0, {}, {}
+    for m, target in batch.target.items():
+        n, mask = target.shape[1], batch.loss_mask[m]
+        count = mask.sum()
+        if m == "text" and out.logits is not None:
+            if text_targets is None or text_targets.shape != mask.shape:
+                raise ValueError(f"a categorical prior needs text_targets of shape {tuple(mask.shape)}")
+            per_token = F.cross_entropy(
+                out.logits[:, n:].flatten(0, 1).float(), text_targets.flatten(), reduction="none"
+            ).view_as(mask)
+        else:
+            per_token = (out.velocity[m][:, n:].float() - target.float()).pow(2).mean(-1)  # (B, N)
+        loss_m = (per_token * mask).sum() / count.clamp_min(1)
+        total = total + loss_weights[m] * loss_m
+        parts[m], counts[m] = loss_m.detach(), count
+    return MultimodalLoss(total, parts, counts)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class MultimodalModel(nn.Module):
+    """Frozen Text VAE + frozen image VAE + the trained MMDiT; ``forward`` is the training loss."""
+
+    def __init__(self, text: TextModality, image: ImageModality, prior: nn.Module, cfg: MultimodalConfig,
+                 flow: FlowMatchingConfig) -> None:  # fmt: skip
+        super().__init__()
+        if sorted(prior.config.modalities) != ["image", "text"]:
+            raise ValueError(
+                f"the multimodal prior needs modalities text and image, got {prior.config.modalities}"
+            )
+        self.text_vae, self.image_vae, self.prior = text.vae, image.image_vae, prior
+        self.text, self.image, self.cfg, self.flow = text, image, cfg, flow
+        for module in (self.text_vae, self.image_vae):
+            module.requires_grad_(False)
+            module.eval()
+        names = list(cfg.layout_weights)
+        self._layouts = [segment_order(get_layout(n)) for n in names]
+        self._weights = torch.tensor([cfg.layout_weights[n] for n in names], dtype=torch.float)
+
+    def train(self, mode: bool = True) -> MultimodalModel:
+        super().train(mode)
+        self.text_vae.eval()  # frozen autoencoders stay in eval mode (no dropout)
+        self.image_vae.eval()
+        return self
+
+    def trainable_parameters(self, step: int = 0) -> list[nn.Parameter]:
+        return [p for p in self.prior.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def encode(
+        self, images: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor
+    ) -> dict[str, LatentSequence]:
+        """In-segment latent sequences of a batch: {text: (B, N_t, d_t), image: (B, N_i, d_i)}."""
+        encoded = self.text_vae.encode(input_ids, valid)
+        text = self.text.layout(encoded.latents.float(), encoded.valid)
+        return {"text": text, "image": self.image.encode(images.to(self.text_vae.device))}
+
+    def draw_orders(self, batch: int) -> list[tuple[str, ...]]:
+        """Each row's segment order, drawn from ``layout_weights`` (global RNG, seeded by the trainer)."""
+        picks = torch.multinomial(self._weights, batch, replacement=True).tolist()
+        return [self._layouts[i] for i in picks]
+
+    def forward(
+        self, images: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor, step: int = 0
+    ) -> LossOutput:
+        segments = self.encode(images, input_ids, valid)
+        placed = place_segments(segments, self.draw_orders(images.shape[0]))
+        targets = input_ids if self.prior.config.prediction == "categorical" else None
+        out = multimodal_flow_loss(self.prior, placed, self.flow, self.cfg.loss_weights, targets)
+        logs = {f"{m}_loss": v for m, v in out.per_modality.items()}
+        tokens = int(sum(c for c in out.counts.values()))
+        return LossOutput(loss=out.loss, logs=logs, num_tokens=tokens)
+
+
+def multimodal_loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> LossOutput:
+    """The trainer's loss function: ``batch`` holds ``images``, ``input_ids`` and ``valid``."""
+    return model(batch["images"], batch["input_ids"], batch["valid"], step=step)
+
+
+__all__ = [
+    "MultimodalConfig",
+    "MultimodalLoss",
+    "MultimodalModel",
+    "MultimodalTwoL",
+    "build_multimodal_2l",
+    "multimodal_flow_loss",
+    "multimodal_loss_fn",
+]
