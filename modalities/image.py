@@ -8,9 +8,11 @@ Design choices
 * **Token order and channel layout.** Tokens are in row-major raster order (token
   ``i * (w/p) + j`` is the patch at row ``i``, column ``j``); inside a token the channels are laid
   out ``(c, ph, pw)``. :func:`patchify` and :func:`unpatchify` are exact inverses (pure reshapes).
-* **Positions are the raster index 0..N-1.** The prior's RoPE is 1-D, so it sees the image in
-  raster order: a horizontal neighbour is 1 position away, a vertical one ``w/p`` positions. No
-  2-D RoPE here; the joint attention learns the grid from that order.
+* **Positions are the raster index 0..N-1**, and every token also carries its grid coordinates
+  ``coords = (row, column)``. A 1-D RoPE prior (the default) sees the image in raster order (a
+  horizontal neighbour is 1 position away, a vertical one ``w/p``); an axial-RoPE prior
+  (``MMDiT(rope_axes=2)``, FLUX-style) rotates by (row, column) instead. README "Image
+  positions" compares the two.
 * **One block per image.** Every token has block id 0: the whole image is one bidirectional
   block (generated at once by the prior, attended as a unit by later blocks).
 * **Decoding needs the grid.** A token count alone does not fix a non-square grid, so ``decode``
@@ -65,6 +67,27 @@ class ImageModality(Modality):
             raise ValueError(f"patch_size must be >= 1, got {patch_size}")
         self.image_vae, self.patch_size = image_vae, int(patch_size)
 
+    def layout(
+        self,
+        latents: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        grid_size: tuple[int, int] | None = None,
+    ) -> LatentSequence:
+        """Raster positions, block 0 and (row, column) coordinates on ``grid_size`` (default square)."""
+        seq = super().layout(latents, valid)
+        gh, gw = grid_size or (self._square(seq.num_tokens),) * 2
+        if gh * gw != seq.num_tokens:
+            raise ValueError(f"{seq.num_tokens} tokens do not fill a {gh}x{gw} grid")
+        seq.coords = torch.stack((seq.positions // gw, seq.positions % gw), dim=-1)  # (B, N, 2)
+        return seq
+
+    @staticmethod
+    def _square(n: int) -> int:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"{n} tokens do not form a square grid; pass grid_size")
+        return side
+
     @property
     def latent_dim(self) -> int:
         return self.image_vae.latent_channels * self.patch_size**2
@@ -91,18 +114,18 @@ class ImageModality(Modality):
         if images.ndim == 4:
             self.grid_size(*images.shape[-2:])  # fail early on sizes the patches cannot tile
         latents = self.image_vae.encode(images, sample=sample, generator=generator)  # (B, C, h, w)
-        return self.layout(patchify(latents, self.patch_size))
+        grid = (latents.shape[2] // self.patch_size, latents.shape[3] // self.patch_size)
+        return self.layout(patchify(latents, self.patch_size), grid_size=grid)
 
     def decode(
         self, sequence: LatentSequence | torch.Tensor, grid_size: tuple[int, int] | None = None
     ) -> torch.Tensor:
         """Tokens (B, N, C*p*p) or a LatentSequence -> images (B, 3, H, W) (unclamped)."""
-        tokens = self._as_sequence(sequence).latents  # (B, N, C*p*p)
+        tokens = sequence.latents if isinstance(sequence, LatentSequence) else sequence  # (B, N, C*p*p)
+        if tokens.ndim != 3 or tokens.shape[-1] != self.latent_dim:
+            raise ValueError(f"image tokens must be (B, N, {self.latent_dim}), got {tuple(tokens.shape)}")
         if grid_size is None:
-            side = math.isqrt(tokens.shape[1])
-            if side * side != tokens.shape[1]:
-                raise ValueError(f"{tokens.shape[1]} tokens do not form a square grid; pass grid_size")
-            grid_size = (side, side)
+            grid_size = (self._square(tokens.shape[1]),) * 2
         return self.image_vae.decode(unpatchify(tokens, self.patch_size, grid_size))  # (B, 3, H, W)
 
 

@@ -35,6 +35,7 @@ class LatentSequence:
     valid: torch.Tensor  # (B, N) bool, True = real token (False = padding)
     positions: torch.Tensor  # (B, N) int64, RoPE positions
     block_ids: torch.Tensor  # (B, N) int64, attention block of every token (non-decreasing in N)
+    coords: torch.Tensor | None = None  # (B, N, 2) int64 (row, column) of grid tokens (images); None: 1-D
 
     def __post_init__(self) -> None:
         if self.latents.ndim != 3:
@@ -44,6 +45,8 @@ class LatentSequence:
             value = getattr(self, name)
             if tuple(value.shape) != bn:
                 raise ValueError(f"{name} shape {tuple(value.shape)} != latents (B, N) {bn}")
+        if self.coords is not None and tuple(self.coords.shape) != (*bn, 2):
+            raise ValueError(f"coords shape {tuple(self.coords.shape)} != (B, N, 2) {(*bn, 2)}")
         if self.valid.dtype != torch.bool:
             raise ValueError(f"valid must be a bool tensor, got {self.valid.dtype}")
         for name in ("positions", "block_ids"):
@@ -73,9 +76,23 @@ class LatentSequence:
                 raise ValueError(f"offset must be a scalar or (B={x.shape[0]},), got shape {tuple(by.shape)}")
             return x + (by[:, None] if by.ndim == 1 else by)
 
-        return LatentSequence(
-            self.latents, self.valid, shift(self.positions, positions), shift(self.block_ids, blocks)
+        coords = (
+            None if self.coords is None else shift(self.coords.flatten(1), positions).view_as(self.coords)
         )
+        return LatentSequence(
+            self.latents, self.valid, shift(self.positions, positions), shift(self.block_ids, blocks), coords
+        )
+
+    def rope_coordinates(self, axes: int) -> torch.Tensor | None:
+        """(B, N, axes) coordinates for an axial-RoPE prior: the grid coordinates (shifted with the
+        positions), or the position on every axis for 1-D segments; None for a 1-axis prior."""
+        if axes == 1:
+            return None
+        if self.coords is not None:
+            if axes != 2:
+                raise ValueError(f"grid tokens have 2 coordinates, the prior rotates {axes} axes")
+            return self.coords
+        return self.positions[..., None].expand(*self.positions.shape, axes)
 
 
 class Modality(ABC):

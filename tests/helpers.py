@@ -39,7 +39,7 @@ def tiny_pipeline(
     return pipe
 
 
-def tiny_multimodal_pipeline(perturb_scale: float = 0.05, prediction: str = "velocity"):
+def tiny_multimodal_pipeline(perturb_scale: float = 0.05, prediction: str = "velocity", rope_axes: int = 1):
     """A random text+image ColaTextToImagePipeline: the tiny Text VAE + a 2-level AutoencoderKL
     (16x16x3 -> 8x8x2, patch 2: 16 image tokens of 8 channels) + a 2-layer two-stream MMDiT."""
     from diffusers import AutoencoderKL
@@ -61,7 +61,7 @@ def tiny_multimodal_pipeline(perturb_scale: float = 0.05, prediction: str = "vel
     prior = MMDiT(
         modalities=["text", "image"], in_channels=[4, 8], width=32, heads=2, head_dim=16, rope_dim=8,
         num_layers=2, block_size=4, adaln_zero_init=False, prediction=prediction,
-        vocab_size=vocab if prediction == "categorical" else 0,
+        vocab_size=vocab if prediction == "categorical" else 0, rope_axes=rope_axes,
     )  # fmt: skip
     perturb(vae, 1, perturb_scale / 2)
     perturb(prior, 2, perturb_scale)

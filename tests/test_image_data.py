@@ -156,3 +156,47 @@ def test_image_and_multimodal_recipes_train_and_export(tmp_path):
     assert (
         report.text_to_image.checker["colour"] == 1.0 and report.image_to_text.checker["colour+shape"] == 1.0
     )
+
+
+@pytest.mark.slow
+def test_multimodal_two_processes_match_one_process(tmp_path):
+    """torchrun (gloo) with 2 x 2 rows == one process with 4 rows: per-sample randomness and per-row loss
+    weights make the split invisible."""
+    import os
+    import subprocess
+
+    from helpers import tiny_multimodal_pipeline
+    from safetensors.torch import load_file
+
+    pipe = tiny_multimodal_pipeline()
+    pipe.text_vae.save_pretrained(tmp_path / "tv" / "text_vae")
+    pipe.tokenizer.save_pretrained(tmp_path / "tv" / "tokenizer")
+    pipe.image_vae.save_pretrained(tmp_path / "iv" / "image_vae")
+    root = Path(__file__).resolve().parents[1]
+    common = [
+        str(root / "configs" / "multimodal" / "tiny.yaml"), f"multimodal.text_vae={tmp_path / 'tv'}",
+        f"multimodal.image_vae={tmp_path / 'iv'}", "image_data.resolution=16", "image_data.num_train=32",
+        "image_data.num_val=4", "prior.width=32", "prior.heads=2", "prior.head_dim=16", "prior.rope_dim=8",
+        "prior.num_layers=1", "train.max_steps=3", "train.max_time_minutes=null", "train.ema_decay=null",
+        "train.mixed_precision='no'", "train.eval_every=100", "train.save_every=3", "train.warmup_steps=1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    runs = {"ddp": (2, 2), "single": (1, 4)}
+    for name, (procs, batch) in runs.items():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+               "-m", "prior.cli", "train", *common, f"train.output_dir={tmp_path / name}", f"train.batch_size={batch}"]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = {
+        name: load_file(
+            tmp_path
+            / name
+            / "checkpoints"
+            / "step_0000003"
+            / "model"
+            / "prior"
+            / "diffusion_pytorch_model.safetensors"
+        )
+        for name in runs
+    }
+    assert all(torch.allclose(weights["ddp"][k], weights["single"][k], atol=1e-5) for k in weights["single"])

@@ -107,6 +107,11 @@ def _uncached_image(
     prior, text, sched = pipe.prior, pipe.text_modality, pipe.scheduler
     n, bs, (_, m, _) = len(prompt_ids), prior.config.block_size, noise.shape
     z = text.encode_ids([prompt_ids]).latents
+    grid = torch.stack((torch.arange(m) // 4, torch.arange(m) % 4), dim=-1)[None]  # (1, N, 2) on the 4x4 grid
+    rope, rope_alone = {}, {}
+    if prior.config.rope_axes == 2:
+        rope = {"rope_positions": {"text": torch.arange(n)[None, :, None].expand(1, n, 2), "image": n + grid}}
+        rope_alone = {"rope_positions": grid}
     BlockSampler.set_grid(sched, config)
     x = config.noise_scale * noise
     for t in sched.timesteps:
@@ -123,8 +128,9 @@ def _uncached_image(
     return x
 
 
-def test_text_to_image_cached_equals_uncached():
-    pipe = tiny_multimodal_pipeline()
+@pytest.mark.parametrize("rope_axes", [1, 2])
+def test_text_to_image_cached_equals_uncached(rope_axes):
+    pipe = tiny_multimodal_pipeline(rope_axes=rope_axes)
     config = GenerationConfig(num_inference_steps=4, guidance_scale=2.5)
     prompts = [[5, 9, 11, 3, 7], [8, 4]]  # ragged: 5 tokens (2 blocks, partial) and 2
     noise = torch.randn(2, 16, 8)

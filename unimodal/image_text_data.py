@@ -2,7 +2,8 @@
 
 Design choices
 --------------
-* **Three sources, one record.** Every dataset yields ``{"image": PIL.Image, "caption": str}``:
+* **Three sources, one record.** Every dataset yields ``{"image": PIL.Image, "caption": str,
+  "index": int}`` (the index keys the per-sample randomness of the multimodal objective):
   ``shapes`` (the embedded procedural set of :mod:`unimodal.shapes`, no download), ``webdataset``
   (tar shards whose samples hold an image entry ``png|jpg|jpeg|webp`` and a ``txt`` caption;
   ``scripts/make_image_shards.py`` writes them from a folder of images with caption files) and
@@ -91,7 +92,7 @@ class ShapesDataset(Dataset):
         if not 0 <= i < self.num:
             raise IndexError(f"index {i} out of range for {self.num} examples")
         image, text = shapes.example(i, self.split, self.seed, self.image_size)
-        return {"image": image, "caption": text}
+        return {"image": image, "caption": text, "index": i}
 
 
 class ImageTextList(Dataset):
@@ -104,7 +105,7 @@ class ImageTextList(Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
-        return self.records[i]
+        return {**self.records[i], "index": i}
 
 
 def _expand(paths: Sequence[str]) -> list[str]:
@@ -235,6 +236,8 @@ class ImageTextCollator:
 
     def __call__(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
         batch = {"images": self.images([r["image"] for r in records])}
+        if all("index" in r for r in records):  # per-sample randomness keys (see prior.training.multimodal)
+            batch["keys"] = torch.tensor([int(r["index"]) for r in records])
         if self.tokenizer is not None:
             ids = self.caption_ids([r["caption"] for r in records])
             length = max(len(x) for x in ids)

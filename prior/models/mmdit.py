@@ -26,7 +26,8 @@ Design choices
   the timestep embedding is computed once per forward and shared by all heads.
 * **Attention.** Fused bias-free QKV ``[q(heads) | k | v]``, per-head affine LayerNorm on q and
   k, interleaved (GPT-J) RoPE on the first ``rope_dim`` channels of each head (theta 1e4),
-  scale ``1/sqrt(head_dim)``, through :func:`unimodal.attention.attention` with the configured
+  scale ``1/sqrt(head_dim)`` (``rope_axes > 1``: axial RoPE, FLUX-style: the rotated channels are
+  split into one group per coordinate axis, e.g. an image token's (row, column)), through :func:`unimodal.attention.attention` with the configured
   backend. The default mask is block-causal from the positions (``config.block_size``); a caller
   passes any :class:`AttentionMask` instead (the 2L training mask ``two_l_mask``).
 * **KV cache.** An explicit :class:`KVCache` is passed to ``forward``; it is read-only unless
@@ -291,6 +292,7 @@ class MMDiT(ModelMixin, ConfigMixin):
         adaln_zero_init: bool = True,
         prediction: str = "velocity",
         vocab_size: int = 0,
+        rope_axes: int = 1,
     ):
         super().__init__()
         modalities, in_channels = list(modalities), list(in_channels)
@@ -307,6 +309,10 @@ class MMDiT(ModelMixin, ConfigMixin):
                 raise ValueError(f"modality names must be unique identifiers, got {m!r}")
         if rope_dim % 2 or not 0 <= rope_dim <= head_dim:
             raise ValueError(f"rope_dim must be even and in [0, head_dim={head_dim}], got {rope_dim}")
+        if rope_axes < 1 or rope_dim % (2 * rope_axes):
+            raise ValueError(
+                f"rope_dim={rope_dim} must split into rope_axes={rope_axes} groups of channel pairs"
+            )
         if attn_backend not in BACKENDS:
             raise ValueError(f"unknown attn_backend {attn_backend!r}; expected one of {BACKENDS}")
         if min(width, heads, head_dim, num_layers, block_size, *in_channels) < 1:
@@ -357,7 +363,7 @@ class MMDiT(ModelMixin, ConfigMixin):
         """(RoPE inverse frequencies, timestep frequencies) in fp32 on ``device``. Plain cached tensors,
         not buffers, so that ``model.to(torch.bfloat16)`` can never round them."""
         if device not in self._freqs:
-            inv_freq = rope_inv_freq(self.config.rope_dim, self.config.rope_theta)
+            inv_freq = rope_inv_freq(self.config.rope_dim // self.config.rope_axes, self.config.rope_theta)
             self._freqs[device] = (inv_freq.to(device), timestep_freqs().to(device))
         return self._freqs[device]
 
@@ -422,6 +428,7 @@ class MMDiT(ModelMixin, ConfigMixin):
         update_cache: bool = False,
         context_free_rows: int = 0,
         block_ids: Tensors | None = None,
+        rope_positions: Tensors | None = None,
     ) -> MMDiTOutput:
         """Velocity of the latents ``x`` at per-token ``timestep`` (0..1000).
 
@@ -435,6 +442,9 @@ class MMDiT(ModelMixin, ConfigMixin):
         block_ids: (B, L) int attention block of every token (or a dict), default
         ``positions // block_size``; the default mask lets a token see keys of blocks <= its own
         (the multimodal layouts: an image is one block). They are committed to the cache with the keys.
+        rope_positions: (B, L, rope_axes) (or a dict) the coordinates RoPE rotates by when
+        ``rope_axes > 1`` (axial RoPE, e.g. (row, column) of image tokens); default: every axis = the
+        position. Unused with one axis.
         """
         xs = self._segments(x)
         first = next(iter(xs.values()))
@@ -488,7 +498,7 @@ class MMDiT(ModelMixin, ConfigMixin):
             parts = index.split([v.shape[1] for v in xs.values()], dim=1)
             cs = {m: Conditioning(table, i) for m, i in zip(xs, parts)}
         h = {m: self.embed_in[m](v) for m, v in xs.items()}  # {m: (B, L_m, D)}
-        rope = rotary(positions, inv_freq, "interleaved") if inv_freq.numel() else None
+        rope = self._rotary(positions, rope_positions, xs, inv_freq) if inv_freq.numel() else None
         ctx = _AttnContext(
             positions, attn_mask, rope, self.config.attn_backend, kv_cache, update_cache, n, mask_alone
         )
@@ -503,6 +513,25 @@ class MMDiT(ModelMixin, ConfigMixin):
         if self.config.prediction == "categorical" and "text" in xs:
             return self._categorical(xs, t, out, isinstance(x, dict))
         return MMDiTOutput(out if isinstance(x, dict) else out[next(iter(out))])
+
+    def _rotary(self, positions: torch.Tensor, rope_positions, xs: dict, inv_freq: torch.Tensor) -> Rotary:
+        """Interleaved RoPE tables: 1-D from ``positions`` (released), or axial over ``rope_axes``
+        coordinates, each axis rotating its own group of ``rope_dim / rope_axes`` channels."""
+        axes = self.config.rope_axes
+        if axes == 1:
+            return rotary(positions, inv_freq, "interleaved")
+        if rope_positions is None:
+            coords = positions[..., None].expand(*positions.shape, axes)
+        else:
+            parts = [rope_positions[m] for m in xs] if isinstance(rope_positions, dict) else [rope_positions]
+            coords = torch.cat([torch.as_tensor(c, device=positions.device) for c in parts], dim=1)
+            if tuple(coords.shape) != (*positions.shape, axes):
+                raise ValueError(
+                    f"rope_positions must be (B, L, {axes}) = {(*positions.shape, axes)}, got {tuple(coords.shape)}"
+                )
+        angles = coords.float()[:, None, :, :, None] * inv_freq.to(positions.device)  # (B, 1, L, A, R/2A)
+        angles = angles.flatten(-2).repeat_interleave(2, dim=-1)  # (B, 1, L, R): pairs share an angle
+        return Rotary(angles.cos(), angles.sin(), "interleaved")
 
     def set_token_latents(self, table: torch.Tensor) -> None:
         """The categorical head's latent of every token id, (V, C) (the VAE's latent of each token)."""

@@ -347,19 +347,12 @@ class BlockSampler:
         scheduler.set_begin_index(0)
 
     def _transport(
-        self,
-        eps,
-        positions,
-        w,
-        pin,
-        cache: KVCache,
-        block: int,
-        callback,
-        block_ids=None,
-        modality: str = "text",
-    ):
+        self, eps, positions, w, pin, cache: KVCache, block: int, callback, block_ids=None, modality: str = "text",
+        rope=None,
+    ):  # fmt: skip
         """K Euler steps on one block of ``modality``. eps (B, bs, d), positions (B, bs), w (B,),
-        block_ids (B, bs) or None (``position // block_size``). -> (x, prior calls)."""
+        block_ids (B, bs) or None (``position // block_size``); ``rope``: (cond, alone) RoPE
+        coordinates (B, bs, A) of an axial prior, or None. -> (x, prior calls)."""
         cfg, sched = self.config, self.scheduler
         batch, bs, _ = eps.shape
         lo, hi = cfg.guidance_interval or (0.0, 1.0)
@@ -388,11 +381,15 @@ class BlockSampler:
                 v_all = self._prior(
                     torch.cat((x, x)), torch.cat((t_in, t_in)), torch.cat((positions, alone)), cache,
                     context_free_rows=batch, block_ids=both_blocks, modality=modality,
+                    rope_positions=None if rope is None else torch.cat(rope),
                 )  # fmt: skip
                 v_c, v_u = v_all.chunk(2)
                 v = w[:, None, None] * (v_c - v_u) + v_u  # (B, bs, d)
             else:
-                v_c = v = self._prior(x, t_in, positions, cache, block_ids=block_ids, modality=modality)
+                v_c = v = self._prior(
+                    x, t_in, positions, cache, block_ids=block_ids, modality=modality,
+                    rope_positions=None if rope is None else rope[0],
+                )  # fmt: skip
                 v_u = None
             x_new = sched.step(v, t, x).prev_sample
             if clean:
@@ -406,13 +403,14 @@ class BlockSampler:
 
     def _prior(
         self, x, t, positions, cache: KVCache, update: bool = False, valid=None, context_free_rows: int = 0,
-        block_ids=None, modality: str = "text",
+        block_ids=None, modality: str = "text", rope_positions=None,
     ) -> torch.Tensor:  # fmt: skip
         # one prior forward of one segment: x (B, L, d) fp32 -> velocity (B, L, d) fp32
         x = x.to(self.prior.dtype)
+        extra = {} if rope_positions is None else {"rope_positions": rope_positions}
         out = self.prior(
             {modality: x} if self.multimodal else x, t, positions=positions, valid=valid, kv_cache=cache,
-            update_cache=update, context_free_rows=context_free_rows, block_ids=block_ids,
+            update_cache=update, context_free_rows=context_free_rows, block_ids=block_ids, **extra,
         )  # fmt: skip
         return (out.velocity[modality] if self.multimodal else out.velocity).float()
 

@@ -18,9 +18,16 @@ Design choices
   Condition dropout (``flow.p_uncond``) cuts a row's noisy blocks off the clean context, whatever
   the layout: the unconditional branch of CFG (the block alone) for text and images alike. Prompt
   pieces (``prompt_block_prob``) are a text-continuation device and are not drawn here.
-* **Loss**: per stream, a masked mean over its noisy valid tokens: the velocity MSE
-  (``eps - z0``) for images, and for text the token cross-entropy of a categorical prior (CDCD)
-  or the velocity MSE; ``loss = sum_m loss_weights[m] * loss_m``.
+* **Loss**: per stream, the mean over its noisy valid tokens *of each row*, summed over the rows
+  that hold the stream and divided by the batch size: the velocity MSE (``eps - z0``) for images,
+  and for text the token cross-entropy of a categorical prior (CDCD) or the velocity MSE;
+  ``loss = sum_m loss_weights[m] * loss_m``. Every row weighs the same whatever its length, so the
+  mean of per-process losses over equal shards is the loss of the whole batch.
+* **Randomness per sample.** With ``keys`` (the dataset index of each row, which the collator
+  passes), each row draws its layout, block times, noise and condition dropout from its own
+  generator seeded by ``(seed, step, key)``: the draws do not depend on how a global batch is split
+  over processes, so two processes train exactly as one process at the same global batch (and a
+  resumed run draws what an uninterrupted one would). Without keys the global RNG is used.
 * **Frozen autoencoders.** Latents come from both VAEs under ``no_grad`` (posterior modes: the
   latents the sampler's context encoding and decoders see); only the prior trains.
 """
@@ -85,6 +92,7 @@ class MultimodalTwoL:
     positions: dict[str, torch.Tensor]  # {m: (B, 2N_m)}
     valid: dict[str, torch.Tensor]  # {m: (B, 2N_m)}
     attn_mask: AttentionMask  # over the model's concatenation order of the streams
+    rope_positions: dict[str, torch.Tensor] | None  # {m: (B, 2N_m, A)} for an axial-RoPE prior, else None
     target: dict[str, torch.Tensor]  # {m: (B, N_m, d_m)} eps - z0
     loss_mask: dict[str, torch.Tensor]  # {m: (B, N_m)} valid noisy tokens
     t: dict[str, torch.Tensor]  # {m: (B, N_m)} in (0, 1)
@@ -100,16 +108,18 @@ def build_multimodal_2l(
     eps: dict[str, torch.Tensor] | None = None,
     t: dict[str, torch.Tensor] | None = None,
     uncond: torch.Tensor | None = None,
+    rope_axes: int = 1,
 ) -> MultimodalTwoL:
     """The 2L layout of placed segments (positions and block ids already joint, e.g. by
     :func:`~modalities.layout.place_segments`). ``modality_order`` is the prior's stream order (the
-    order its forward concatenates the dict); overrides ``eps``/``t`` per modality and ``uncond``
+    order its forward concatenates the dict); ``rope_axes``: the prior's (its RoPE coordinates come
+    from each segment's ``rope_coordinates``); overrides ``eps``/``t`` per modality and ``uncond``
     (B,) are for tests. Random draws, in order: t per block per modality, eps per modality, uncond."""
     names = [m for m in modality_order if m in segments]
     first = segments[names[0]]
     batch, dev = first.batch_size, first.latents.device
     num_blocks = 1 + max(int(s.block_ids.masked_fill(~s.valid, 0).max()) for s in segments.values())
-    x, ts, pos, val, target, loss_mask, t_out, blk, noisy = {}, {}, {}, {}, {}, {}, {}, [], []
+    x, ts, pos, val, target, loss_mask, t_out, blk, noisy, rope = {}, {}, {}, {}, {}, {}, {}, [], [], {}
     for m in names:
         s = segments[m]
         blocks = s.block_ids.clamp(0, num_blocks - 1)
@@ -124,6 +134,9 @@ def build_multimodal_2l(
         pos[m] = torch.cat((s.positions, s.positions), dim=1)
         val[m] = torch.cat((s.valid, s.valid), dim=1)
         target[m], loss_mask[m], t_out[m] = path.target, s.valid, t_m
+        coords = s.rope_coordinates(rope_axes)
+        if coords is not None:
+            rope[m] = torch.cat((coords, coords), dim=1)
         blk.append(torch.cat((s.block_ids, s.block_ids), dim=1))
         noisy.append(torch.cat((torch.zeros_like(s.valid), torch.ones_like(s.valid)), dim=1))
     if uncond is None:
@@ -132,7 +145,7 @@ def build_multimodal_2l(
     mask = two_l_block_mask(blk_all, noisy_all, torch.cat([val[m] for m in names], 1))
     if cfg.p_uncond > 0 or bool(uncond.any()):
         mask = cut_clean_context(mask, noisy_all, uncond.to(dev))
-    return MultimodalTwoL(x, ts, pos, val, mask, target, loss_mask, t_out, uncond)
+    return MultimodalTwoL(x, ts, pos, val, mask, rope or None, target, loss_mask, t_out, uncond)
 
 
 @dataclass
@@ -149,10 +162,12 @@ def multimodal_flow_loss(
     loss_weights: dict[str, float],
     text_targets: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    draws: dict | None = None,
 ) -> MultimodalLoss:
     """One 2L forward of ``prior`` on placed ``segments`` and the weighted per-stream losses.
-    ``text_targets`` (B, N_text): token ids of the text latents (a categorical prior's CE targets)."""
-    batch = build_multimodal_2l(segments, list(prior.config.modalities), cfg, generator)
+    ``text_targets`` (B, N_text): token ids of the text latents (a categorical prior's CE targets);
+    ``draws``: ``eps`` / ``t`` / ``uncond`` overrides of :func:`build_multimodal_2l` (per-row draws)."""
+    batch = build_multimodal_2l(segments, list(prior.config.modalities), cfg, generator, **(draws or {}))
     out = prior(
         batch.x, batch.timestep, positions=batch.positions, valid=batch.valid, attn_mask=batch.attn_mask
     )
@@ -168,7 +183,8 @@ def multimodal_flow_loss(
             ).view_as(mask)
         else:
             per_token = (out.velocity[m][:, n:].float() - target.float()).pow(2).mean(-1)  # (B, N)
-        loss_m = (per_token * mask).sum() / count.clamp_min(1)
+        per_row = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1)  # (B,) 0 for rows without m
+        loss_m = per_row.sum() / mask.shape[0]
         total = total + loss_weights[m] * loss_m
         parts[m], counts[m] = loss_m.detach(), count
     return MultimodalLoss(total, parts, counts)
@@ -181,8 +197,9 @@ class MultimodalModel(nn.Module):
     """Frozen Text VAE + frozen image VAE + the trained MMDiT; ``forward`` is the training loss."""
 
     def __init__(self, text: TextModality, image: ImageModality, prior: nn.Module, cfg: MultimodalConfig,
-                 flow: FlowMatchingConfig) -> None:  # fmt: skip
+                 flow: FlowMatchingConfig, seed: int = 0) -> None:  # fmt: skip
         super().__init__()
+        self.seed = int(seed)
         if sorted(prior.config.modalities) != ["image", "text"]:
             raise ValueError(
                 f"the multimodal prior needs modalities text and image, got {prior.config.modalities}"
@@ -214,26 +231,57 @@ class MultimodalModel(nn.Module):
         text = self.text.layout(encoded.latents.float(), encoded.valid)
         return {"text": text, "image": self.image.encode(images.to(self.text_vae.device))}
 
-    def draw_orders(self, batch: int) -> list[tuple[str, ...]]:
-        """Each row's segment order, drawn from ``layout_weights`` (global RNG, seeded by the trainer)."""
-        picks = torch.multinomial(self._weights, batch, replacement=True).tolist()
+    def draw_orders(self, batch: int, gens: list[torch.Generator] | None = None) -> list[tuple[str, ...]]:
+        """Each row's segment order, drawn from ``layout_weights`` (per-row generators, else the global RNG)."""
+        if gens is None:
+            picks = torch.multinomial(self._weights, batch, replacement=True).tolist()
+        else:
+            picks = [int(torch.multinomial(self._weights, 1, generator=g)) for g in gens]
         return [self._layouts[i] for i in picks]
 
+    def row_generators(self, keys: torch.Tensor, step: int) -> list[torch.Generator]:
+        """One CPU generator per row, seeded by (seed, step, key)."""
+        mix = lambda k: (self.seed * 1_000_003 + step) * 2_147_483_647 + int(k)  # noqa: E731
+        return [torch.Generator().manual_seed(mix(k) % (2**63)) for k in keys.tolist()]
+
+    def row_draws(self, placed: dict[str, LatentSequence], gens: list[torch.Generator]) -> dict:
+        """Per-row block times, noise and condition dropout (the overrides of build_multimodal_2l). Each
+        row draws only what its own valid tokens need, so its draws do not depend on the batch."""
+        eps, t = {}, {}
+        for m in [m for m in self.prior.config.modalities if m in placed]:
+            s = placed[m]
+            lengths = s.valid.sum(1).tolist()
+            blocks = s.block_ids.masked_fill(~s.valid, 0)
+            t[m], eps[m] = torch.zeros(s.valid.shape), torch.zeros(s.latents.shape)
+            for b, (g, n) in enumerate(zip(gens, lengths)):
+                if n == 0:
+                    continue
+                first, last = int(blocks[b, :n].min()), int(blocks[b, :n].max())
+                t_row = sample_t((last - first + 1,), self.flow, s.latent_dim, generator=g)  # one per block
+                t[m][b, :n] = t_row[blocks[b, :n] - first]
+                eps[m][b, :n] = torch.randn((n, s.latent_dim), generator=g)
+            t[m], eps[m] = t[m].to(s.latents.device), eps[m].to(s.latents)
+        uncond = torch.cat([torch.rand(1, generator=g) for g in gens]) < self.flow.p_uncond
+        return {"eps": eps, "t": t, "uncond": uncond.to(s.latents.device)}
+
     def forward(
-        self, images: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor, step: int = 0
-    ) -> LossOutput:
+        self, images: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor, step: int = 0,
+        keys: torch.Tensor | None = None,
+    ) -> LossOutput:  # fmt: skip
         segments = self.encode(images, input_ids, valid)
-        placed = place_segments(segments, self.draw_orders(images.shape[0]))
+        gens = None if keys is None else self.row_generators(keys, step)
+        placed = place_segments(segments, self.draw_orders(images.shape[0], gens))
+        draws = None if gens is None else self.row_draws(placed, gens)
         targets = input_ids if self.prior.config.prediction == "categorical" else None
-        out = multimodal_flow_loss(self.prior, placed, self.flow, self.cfg.loss_weights, targets)
+        out = multimodal_flow_loss(self.prior, placed, self.flow, self.cfg.loss_weights, targets, draws=draws)
         logs = {f"{m}_loss": v for m, v in out.per_modality.items()}
         tokens = int(sum(c for c in out.counts.values()))
         return LossOutput(loss=out.loss, logs=logs, num_tokens=tokens)
 
 
 def multimodal_loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> LossOutput:
-    """The trainer's loss function: ``batch`` holds ``images``, ``input_ids`` and ``valid``."""
-    return model(batch["images"], batch["input_ids"], batch["valid"], step=step)
+    """The trainer's loss function: ``batch`` holds ``images``, ``input_ids``, ``valid`` (and ``keys``)."""
+    return model(batch["images"], batch["input_ids"], batch["valid"], step=step, keys=batch.get("keys"))
 
 
 __all__ = [

@@ -149,7 +149,7 @@ def build_multimodal_model(cfg: RunConfig):
     prior = MMDiT(**kwargs)
     if categorical:
         prior.set_token_latents(token_latent_table(text_vae))
-    return MultimodalModel(text, image, prior, mm, cfg.flow), tokenizer
+    return MultimodalModel(text, image, prior, mm, cfg.flow, seed=cfg.train.seed), tokenizer
 
 
 def save_multimodal_export(model: MultimodalModel, tokenizer, cfg: RunConfig, out_dir: str | Path) -> None:
