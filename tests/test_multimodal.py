@@ -118,10 +118,10 @@ def _uncached_image(
         cond = prior(
             {"text": z, "image": x}, {"text": torch.zeros(1, n), "image": torch.full((1, m), float(t))},
             positions={"text": torch.arange(n)[None], "image": n + torch.arange(m)[None]},
-            block_ids={"text": torch.arange(n)[None] // bs, "image": torch.full((1, m), -(-n // bs))},
+            block_ids={"text": torch.arange(n)[None] // bs, "image": torch.full((1, m), -(-n // bs))}, **rope,
         ).velocity["image"]  # fmt: skip
         alone = prior(
-            {"image": x}, float(t), positions=torch.arange(m)[None], block_ids=torch.zeros(1, m)
+            {"image": x}, float(t), positions=torch.arange(m)[None], block_ids=torch.zeros(1, m), **rope_alone
         ).velocity
         v = config.guidance_scale * (cond - alone["image"]) + alone["image"]
         x = sched.step(v, t, x).prev_sample

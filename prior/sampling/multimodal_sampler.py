@@ -79,9 +79,11 @@ class MultimodalSampler(BlockSampler):
         batch, n = seq.latents.shape[:2]
         cache = KVCache(self.prior.config.num_layers)
         zeros = torch.zeros(batch, device=seq.latents.device)
+        rope = seq.rope_coordinates(self.prior.config.rope_axes)  # (row, column) for an axial prior
         self._prior(
-            seq.latents, zeros, seq.positions, cache, update=True, block_ids=seq.block_ids, modality="image"
-        )
+            seq.latents, zeros, seq.positions, cache, update=True, block_ids=seq.block_ids, modality="image",
+            rope_positions=rope,
+        )  # fmt: skip
         ones = torch.ones(batch, dtype=torch.long, device=seq.latents.device)
         return Context(cache, positions=n * ones, blocks=ones, prior_calls=1)
 
@@ -168,8 +170,12 @@ class MultimodalSampler(BlockSampler):
         if tuple(noise.shape) != (batch, n_img, d_img):
             raise ValueError(f"image noise must be {(batch, n_img, d_img)}, got {tuple(noise.shape)}")
         eps = self.config.noise_scale * noise.to(device=device, dtype=torch.float32)
+        rope = None
+        if self.prior.config.rope_axes > 1:  # (row, column) of the grid, shifted like the positions
+            alone = self.image.layout(eps, grid_size=grid).rope_coordinates(self.prior.config.rope_axes)
+            rope = (alone + lengths[:, None, None], alone)
         x, steps = self._transport(
-            eps, positions, w, None, cache, 0, step_callback, block_ids=blocks, modality="image"
+            eps, positions, w, None, cache, 0, step_callback, block_ids=blocks, modality="image", rope=rope
         )
         images = self.image.decode(x, grid_size=grid)  # (B, 3, H, W)
         return ImageSamplerOutput(x, images.float(), grid, calls + steps)
