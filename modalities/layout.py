@@ -32,7 +32,7 @@ Design choices
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -115,7 +115,7 @@ def place_segments(
         dev = seq.latents.device
         shifted = seq.offset(torch.tensor(pos_off[m], device=dev), torch.tensor(blk_off[m], device=dev))
         keep = torch.tensor(present[m], device=dev)[:, None]
-        out[m] = LatentSequence(shifted.latents, shifted.valid & keep, shifted.positions, shifted.block_ids)
+        out[m] = replace(shifted, valid=shifted.valid & keep)
     return out
 
 

@@ -62,8 +62,9 @@ def test_two_l_block_mask_matches_the_drawing():
     assert torch.equal(two_l_block_mask(blocks, noisy).dense()[0, 0], expected)
 
 
-def test_two_l_pass_later_segment_never_changes_an_earlier_output():
-    pipe = tiny_multimodal_pipeline()
+@pytest.mark.parametrize("rope_axes", [1, 2])
+def test_two_l_pass_later_segment_never_changes_an_earlier_output(rope_axes):
+    pipe = tiny_multimodal_pipeline(rope_axes=rope_axes)
     prior = pipe.prior
     text, image = _segment(6, 4, [6, 5], 4), _segment(16, 8, [16, 16], None)
     cfg = FlowMatchingConfig()
@@ -79,13 +80,25 @@ def test_two_l_pass_later_segment_never_changes_an_earlier_output():
                                         changed.positions, changed.block_ids)  # fmt: skip
             placed = place_segments(seg, [order, order])
             batch = build_multimodal_2l(placed, list(prior.config.modalities), cfg, eps=eps, t=t,
-                                        uncond=torch.zeros(2, dtype=torch.bool))  # fmt: skip
+                                        uncond=torch.zeros(2, dtype=torch.bool), rope_axes=rope_axes)  # fmt: skip
             out = prior(batch.x, batch.timestep, positions=batch.positions, valid=batch.valid,
-                        attn_mask=batch.attn_mask)  # fmt: skip
+                        attn_mask=batch.attn_mask, rope_positions=batch.rope_positions)  # fmt: skip
             outs.append(out.velocity)
         earlier = order[0]
         assert torch.allclose(outs[0][earlier], outs[1][earlier], atol=1e-6), order
         assert not torch.allclose(outs[0][later], outs[1][later], atol=1e-3)
+
+
+def test_axial_coordinates_follow_the_placement():
+    text, image = _segment(6, 4, [6, 3], 4), _segment(4, 8, [4, 4], None)
+    image.coords = torch.stack((image.positions // 2, image.positions % 2), dim=-1)  # a 2x2 grid
+    placed = place_segments({"text": text, "image": image}, [("text", "image"), ("image", "text")])
+    batch = build_multimodal_2l(placed, ["text", "image"], FlowMatchingConfig(), rope_axes=2)
+    rows_cols = batch.rope_positions["image"][:, :4]  # clean copy
+    assert rows_cols[0].tolist() == [[6, 6], [6, 7], [7, 6], [7, 7]]  # after the 6-token caption
+    assert rows_cols[1].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert batch.rope_positions["text"][1, :3].tolist() == [[4, 4], [5, 5], [6, 6]]  # 1-D: both axes
+    assert build_multimodal_2l(placed, ["text", "image"], FlowMatchingConfig()).rope_positions is None
 
 
 def test_registry_and_layout_refuse_unknown_names():

@@ -167,10 +167,12 @@ def multimodal_flow_loss(
     """One 2L forward of ``prior`` on placed ``segments`` and the weighted per-stream losses.
     ``text_targets`` (B, N_text): token ids of the text latents (a categorical prior's CE targets);
     ``draws``: ``eps`` / ``t`` / ``uncond`` overrides of :func:`build_multimodal_2l` (per-row draws)."""
-    batch = build_multimodal_2l(segments, list(prior.config.modalities), cfg, generator, **(draws or {}))
+    modalities, axes = list(prior.config.modalities), prior.config.rope_axes
+    batch = build_multimodal_2l(segments, modalities, cfg, generator, rope_axes=axes, **(draws or {}))
     out = prior(
-        batch.x, batch.timestep, positions=batch.positions, valid=batch.valid, attn_mask=batch.attn_mask
-    )
+        batch.x, batch.timestep, positions=batch.positions, valid=batch.valid, attn_mask=batch.attn_mask,
+        rope_positions=batch.rope_positions,
+    )  # fmt: skip
     total, parts, counts = 0.0, {}, {}
     for m, target in batch.target.items():
         n, mask = target.shape[1], batch.loss_mask[m]
