@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--mm-text-minutes", type=float, default=2.0, help="--multimodal: Text VAE budget")
     p.add_argument("--mm-image-minutes", type=float, default=4.0, help="--multimodal: image VAE budget")
-    p.add_argument("--mm-prior-minutes", type=float, default=12.0, help="--multimodal: prior budget")
+    p.add_argument("--mm-prior-minutes", type=float, default=18.0, help="--multimodal: prior budget")
     p.add_argument("--mm-eval", type=int, default=96, help="--multimodal: held-out examples per direction")
     p.add_argument(
         "--image-vae",

@@ -34,7 +34,7 @@ def run_multimodal_quickstart(
     out: Path,
     text_minutes: float = 2.0,
     image_minutes: float = 4.0,
-    prior_minutes: float = 12.0,
+    prior_minutes: float = 18.0,
     num_eval: int = 96,
     overrides: dict[str, list[str]] | None = None,
 ) -> MultimodalReport:

@@ -15,7 +15,7 @@ from prior.sampling.block_sampler import BlockSampler
 from prior.sampling.config import GenerationConfig
 from prior.training.flow_matching import FlowMatchingConfig
 from prior.training.multimodal import MultimodalConfig, build_multimodal_2l
-from unimodal.masks import two_l_block_mask
+from unimodal.masks import block_id_mask, two_l_block_mask
 
 
 def _segment(n: int, d: int, valid_lengths: list[int], block_size: int | None) -> LatentSequence:
@@ -42,6 +42,28 @@ def test_place_segments_draws_each_layout():
     assert t.positions[1].tolist() == [4, 5, 6, 7, 8, 9] and t.block_ids[1].tolist() == [1, 1, 1, 1, 2, 2]
     # text only: the image is absent (invalid); the caption keeps its 3 valid tokens
     assert not i.valid[2].any() and t.valid[2].tolist() == [True] * 3 + [False] * 3
+
+
+def test_joint_block_causal_mask_of_each_layout():
+    """The inference-time mask over a placed row: [text 6 (blocks of 4)] and [image 4 (one block)]."""
+    text, image = _segment(6, 4, [6, 6, 6], 4), _segment(4, 8, [4, 4, 4], None)
+    orders = [("text", "image"), ("image", "text"), ("text",)]
+    placed = place_segments({"text": text, "image": image}, orders)
+    blocks = torch.cat((placed["text"].block_ids, placed["image"].block_ids), 1)  # [t0..t5 | i0..i3]
+    valid = torch.cat((placed["text"].valid, placed["image"].valid), 1)
+    dense = block_id_mask(blocks, blocks, valid, valid).dense()[:, 0]
+    drawn = {
+        0: ["xxxx......", "xxxx......", "xxxx......", "xxxx......", "xxxxxx....", "xxxxxx....",
+            "xxxxxxxxxx", "xxxxxxxxxx", "xxxxxxxxxx", "xxxxxxxxxx"],  # text -> image: the image sees the caption
+        1: ["xxxx..xxxx", "xxxx..xxxx", "xxxx..xxxx", "xxxx..xxxx", "xxxxxxxxxx", "xxxxxxxxxx",
+            "......xxxx", "......xxxx", "......xxxx", "......xxxx"],  # image -> text: the image sees itself
+        2: ["xxxx......", "xxxx......", "xxxx......", "xxxx......", "xxxxxx....", "xxxxxx....",
+            "xxxx..xxxx", "xxxx..xxxx", "xxxx..xxxx", "xxxx..xxxx"],  # text only: the image is padding
+        # (no real token sees it; padding queries may attend their block, so no row is empty)
+    }  # fmt: skip
+    for row, rows in drawn.items():
+        expected = torch.tensor([[c == "x" for c in r] for r in rows])
+        assert torch.equal(dense[row], expected), row
 
 
 def test_two_l_block_mask_matches_the_drawing():

@@ -35,6 +35,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from unimodal import shapes
+from unimodal.tokenization import document_ids
 
 IMAGE_SOURCES = ("shapes", "webdataset", "hf")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -222,10 +223,8 @@ class ImageTextCollator:
         return self.processor.preprocess(list(images), height=self.resolution, width=self.resolution)
 
     def caption_ids(self, captions: Sequence[str]) -> list[list[int]]:
-        tok = self.tokenizer
         out = []
-        for text in captions:
-            ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        for text, ids in zip(captions, document_ids(self.tokenizer, list(captions))):
             if len(ids) > self.max_tokens:
                 raise ValueError(
                     f"caption {text[:40]!r} is {len(ids)} tokens (EOS included), more than "

@@ -33,7 +33,9 @@ Design choices
   parquet/txt), column ``text_field``; ``webdataset`` = tar shards (local paths, globs, brace
   patterns or URLs), the document in each sample's ``.txt`` entry (``scripts/make_shards.py``
   writes such shards). Folders in ``paths`` expand to their matching files, sorted. User text is not
-  cleaned; only whitespace-only documents are skipped.
+  cleaned; only whitespace-only documents are skipped. ``shapes`` = the captions of the embedded
+  image-caption set's training split (:mod:`unimodal.shapes`, 20,000 captions): the Text VAE of the
+  image-text path.
 - **Packing**: every document is followed by EOS, all are concatenated and cut into rows of
   ``seq_len`` tokens; the tail remainder is dropped. Rows are full (no padding), so the padded-batch
   convention of the trainer is met with an all-True ``valid`` mask. The datasets are map-style and

@@ -152,6 +152,12 @@ def default_stop_token_ids(tokenizer) -> list[int]:
     return [i for i in ids if i is not None]
 
 
+def document_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of whole documents: each text without special tokens, then EOS (how captions are
+    tokenized for training, and so how a text->image prompt must be)."""
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+
+
 def check_special_tokens(tokenizer: PreTrainedTokenizerFast) -> None:
     """Raise ValueError naming the missing token if the tokenizer has no EOS or no PAD token."""
     where = tokenizer.name_or_path or type(tokenizer).__name__
@@ -193,6 +199,7 @@ def build_tokenizer(
 
 
 __all__ = [
+    "document_ids",
     "EOS_TOKEN",
     "IM_END_TOKEN",
     "PAD_TOKEN",

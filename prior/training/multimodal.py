@@ -14,7 +14,8 @@ Design choices
 * **The 2L pass on any layout** (:func:`build_multimodal_2l`): each stream holds ``[clean ; noisy]``
   copies sharing positions and block ids; :func:`unimodal.masks.two_l_block_mask` over the block
   ids gives every noisy block its own noisy block plus the clean blocks before it. Every block draws
-  its own ``t`` (logit-normal with the ``loc`` of its modality's latent dim, :mod:`flow_matching`).
+  its own ``t`` (logit-normal with the ``loc`` of its modality's latent dim, :mod:`flow_matching`,
+  or the stream's ``multimodal.loc`` override: images want more low-noise training than text).
   Condition dropout (``flow.p_uncond``) cuts a row's noisy blocks off the clean context, whatever
   the layout: the unconditional branch of CFG (the block alone) for text and images alike. Prompt
   pieces (``prompt_block_prob``) are a text-continuation device and are not drawn here.
@@ -34,7 +35,7 @@ Design choices
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -57,9 +58,10 @@ class MultimodalConfig:
     image_vae: str | None = None  # image VAE run folder / export, or any AutoencoderKL folder
     patch_size: int = 2  # image latents are cut into patch_size x patch_size tokens
     layout_weights: dict[str, float] = field(
-        default_factory=lambda: {"text_to_image": 0.45, "image_to_text": 0.45, "text": 0.1}
+        default_factory=lambda: {"text_to_image": 0.5, "image_to_text": 0.4, "text": 0.1}
     )
     loss_weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "image": 1.0})
+    loc: dict[str, float] = field(default_factory=dict)  # per-modality logit-normal loc over flow.loc
 
     def __post_init__(self) -> None:
         for name in self.layout_weights:
@@ -78,6 +80,13 @@ class MultimodalConfig:
             )
         if self.patch_size < 1:
             raise ValueError(f"multimodal.patch_size={self.patch_size} must be >= 1")
+        unknown = sorted(set(self.loc) - {"text", "image"})
+        if unknown:
+            raise ValueError(f"multimodal.loc names unknown modalities {unknown}; expected text and/or image")
+
+    def flow_for(self, flow: FlowMatchingConfig, modality: str) -> FlowMatchingConfig:
+        """The flow settings of one stream: ``flow`` with this modality's ``loc`` override, if any."""
+        return replace(flow, loc=float(self.loc[modality])) if modality in self.loc else flow
 
 
 # ----------------------------------------------------------------------------- the 2L layout
@@ -109,6 +118,7 @@ def build_multimodal_2l(
     t: dict[str, torch.Tensor] | None = None,
     uncond: torch.Tensor | None = None,
     rope_axes: int = 1,
+    loc: dict[str, float] | None = None,
 ) -> MultimodalTwoL:
     """The 2L layout of placed segments (positions and block ids already joint, e.g. by
     :func:`~modalities.layout.place_segments`). ``modality_order`` is the prior's stream order (the
@@ -124,7 +134,8 @@ def build_multimodal_2l(
         s = segments[m]
         blocks = s.block_ids.clamp(0, num_blocks - 1)
         if t is None:
-            t_m = sample_t((batch, num_blocks), cfg, s.latent_dim, dev, generator).gather(1, blocks)  # (B, N)
+            cfg_m = replace(cfg, loc=float(loc[m])) if loc and m in loc else cfg  # per-stream time sampling
+            t_m = sample_t((batch, num_blocks), cfg_m, s.latent_dim, dev, generator).gather(1, blocks)  # (B, N)
         else:
             t_m = t[m].to(dev, torch.float32)
         e = eps[m] if eps is not None else torch.randn(s.latents.shape, generator=generator, device=dev)
@@ -163,12 +174,13 @@ def multimodal_flow_loss(
     text_targets: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     draws: dict | None = None,
+    loc: dict[str, float] | None = None,
 ) -> MultimodalLoss:
     """One 2L forward of ``prior`` on placed ``segments`` and the weighted per-stream losses.
     ``text_targets`` (B, N_text): token ids of the text latents (a categorical prior's CE targets);
     ``draws``: ``eps`` / ``t`` / ``uncond`` overrides of :func:`build_multimodal_2l` (per-row draws)."""
     modalities, axes = list(prior.config.modalities), prior.config.rope_axes
-    batch = build_multimodal_2l(segments, modalities, cfg, generator, rope_axes=axes, **(draws or {}))
+    batch = build_multimodal_2l(segments, modalities, cfg, generator, rope_axes=axes, loc=loc, **(draws or {}))
     out = prior(
         batch.x, batch.timestep, positions=batch.positions, valid=batch.valid, attn_mask=batch.attn_mask,
         rope_positions=batch.rope_positions,
@@ -259,7 +271,8 @@ class MultimodalModel(nn.Module):
                 if n == 0:
                     continue
                 first, last = int(blocks[b, :n].min()), int(blocks[b, :n].max())
-                t_row = sample_t((last - first + 1,), self.flow, s.latent_dim, generator=g)  # one per block
+                flow = self.cfg.flow_for(self.flow, m)
+                t_row = sample_t((last - first + 1,), flow, s.latent_dim, generator=g)  # one per block
                 t[m][b, :n] = t_row[blocks[b, :n] - first]
                 eps[m][b, :n] = torch.randn((n, s.latent_dim), generator=g)
             t[m], eps[m] = t[m].to(s.latents.device), eps[m].to(s.latents)
@@ -275,7 +288,9 @@ class MultimodalModel(nn.Module):
         placed = place_segments(segments, self.draw_orders(images.shape[0], gens))
         draws = None if gens is None else self.row_draws(placed, gens)
         targets = input_ids if self.prior.config.prediction == "categorical" else None
-        out = multimodal_flow_loss(self.prior, placed, self.flow, self.cfg.loss_weights, targets, draws=draws)
+        out = multimodal_flow_loss(
+            self.prior, placed, self.flow, self.cfg.loss_weights, targets, draws=draws, loc=self.cfg.loc
+        )
         logs = {f"{m}_loss": v for m, v in out.per_modality.items()}
         tokens = int(sum(c for c in out.counts.values()))
         return LossOutput(loss=out.loss, logs=logs, num_tokens=tokens)
