@@ -239,7 +239,7 @@ def test_empty_corpus(tmp_path, tokenizer):
 
 def test_config_errors():
     with pytest.raises(
-        ValueError, match=r"^data.source='csv' is not one of embedded, text, jsonl, hf, webdataset$"
+        ValueError, match=r"^data.source='csv' is not one of embedded, text, jsonl, hf, webdataset, shapes$"
     ):
         DataConfig(source="csv")
     with pytest.raises(ValueError, match=r"^data.paths is empty for data.source='jsonl'$"):

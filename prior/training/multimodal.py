@@ -135,7 +135,9 @@ def build_multimodal_2l(
         blocks = s.block_ids.clamp(0, num_blocks - 1)
         if t is None:
             cfg_m = replace(cfg, loc=float(loc[m])) if loc and m in loc else cfg  # per-stream time sampling
-            t_m = sample_t((batch, num_blocks), cfg_m, s.latent_dim, dev, generator).gather(1, blocks)  # (B, N)
+            t_m = sample_t((batch, num_blocks), cfg_m, s.latent_dim, dev, generator).gather(
+                1, blocks
+            )  # (B, N)
         else:
             t_m = t[m].to(dev, torch.float32)
         e = eps[m] if eps is not None else torch.randn(s.latents.shape, generator=generator, device=dev)
@@ -180,7 +182,9 @@ def multimodal_flow_loss(
     ``text_targets`` (B, N_text): token ids of the text latents (a categorical prior's CE targets);
     ``draws``: ``eps`` / ``t`` / ``uncond`` overrides of :func:`build_multimodal_2l` (per-row draws)."""
     modalities, axes = list(prior.config.modalities), prior.config.rope_axes
-    batch = build_multimodal_2l(segments, modalities, cfg, generator, rope_axes=axes, loc=loc, **(draws or {}))
+    batch = build_multimodal_2l(
+        segments, modalities, cfg, generator, rope_axes=axes, loc=loc, **(draws or {})
+    )
     out = prior(
         batch.x, batch.timestep, positions=batch.positions, valid=batch.valid, attn_mask=batch.attn_mask,
         rope_positions=batch.rope_positions,
