@@ -269,3 +269,28 @@ def test_pipelines_refuse_bad_sizes_and_text_only_checkpoints(tmp_path):
         ColaTextToImagePipeline(
             text_only.text_vae, pipe.image_vae, text_only.prior, pipe.scheduler, pipe.tokenizer
         )
+
+
+def test_sampling_scripts_write_a_grid_and_captions(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import sample_i2t
+    import sample_t2i
+
+    pipe = tiny_multimodal_pipeline()
+    pipe.generation_config = GenerationConfig(num_inference_steps=2, max_new_tokens=4)
+    pipe.save_pretrained(tmp_path / "pipe")
+    sample_t2i.main([str(tmp_path / "pipe"), "a red circle", "a blue square", "--images-per-prompt", "2",
+                     "--output", str(tmp_path / "grid.png")])  # fmt: skip
+    assert Image.open(tmp_path / "grid.png").size[0] > 0
+    Image.new("RGB", (24, 24), (30, 200, 30)).save(tmp_path / "img.png")
+    sample_i2t.main([str(tmp_path / "pipe"), str(tmp_path / "img.png")])
+    assert "img.png\n  -> " in capsys.readouterr().out
+
+
+def test_text_to_image_refuses_a_prompt_longer_than_the_maximum():
+    pipe = tiny_multimodal_pipeline()
+    with pytest.raises(ValueError, match="more than the maximum 64"):
+        pipe.sampler(GenerationConfig(num_inference_steps=1)).text_to_image([[5] * 65], 16, 16)
