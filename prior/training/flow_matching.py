@@ -206,8 +206,11 @@ def build_2l_batch(
     t: torch.Tensor | None = None,
     eps: torch.Tensor | None = None,
     uncond: torch.Tensor | None = None,
+    target_mask: torch.Tensor | None = None,
 ) -> TwoLBatch:
     """Lay out ``[z0 ; z_t]`` with per-block t, prompt pieces and condition dropout.
+    ``target_mask`` (B, N) bool: only these latents are loss targets (e.g. assistant turns in SFT);
+    the others stay in the layout as clean context for later blocks.
 
     z0: (B, N, d) clean latents; valid: (B, N) bool (a prefix per row); ``block_size``: latents per
     prior block (the prior's own). Overrides (diagnostics, tests): ``t`` (B, N) per-token times
@@ -267,7 +270,7 @@ def build_2l_batch(
         noisy=noisy,
         attn_mask=mask,
         target=path.target,
-        loss_mask=valid & ~prompt,
+        loss_mask=valid & ~prompt if target_mask is None else valid & ~prompt & target_mask.to(dev),
         t=t_tok,
         prompt=prompt,
         uncond=uncond,
@@ -368,14 +371,16 @@ def flow_matching_loss(
     cfg: FlowMatchingConfig,
     generator: torch.Generator | None = None,
     targets: torch.Tensor | None = None,
+    target_mask: torch.Tensor | None = None,
 ) -> FlowLoss:
     """One teacher-forcing forward of ``prior`` on ``[z0 ; z_t]`` and the released masked MSE.
 
     ``block_size``: the prior's (``prior.config.block_size``; ``prior`` may be a functional wrapper).
     A categorical prior (``MMDiT(prediction="categorical")``) is trained instead by the token
     cross-entropy of its logits against ``targets`` (B, N), the token id of every latent, on the
-    same noisy tokens (CDCD's score interpolation); the velocity MSE stays as a diagnostic."""
-    batch = build_2l_batch(z0, valid, block_size, cfg, generator)
+    same noisy tokens (CDCD's score interpolation); the velocity MSE stays as a diagnostic.
+    ``target_mask`` (B, N): the latents that are loss targets (default: every valid one)."""
+    batch = build_2l_batch(z0, valid, block_size, cfg, generator, target_mask=target_mask)
     velocity, logits = predict(prior, batch)
     result = velocity_loss(velocity, batch, cfg, z0)
     result.velocity, result.batch = velocity, batch

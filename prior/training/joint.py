@@ -239,8 +239,11 @@ class ColaModel(nn.Module):
         valid: torch.Tensor | None = None,
         step: int = 0,
         generator: torch.Generator | None = None,
+        loss_mask: torch.Tensor | None = None,
     ) -> LossOutput:
-        """The Stage-2 loss on token ids (B, L) (+ valid (B, L)) at training ``step``."""
+        """The Stage-2 loss on token ids (B, L) (+ valid (B, L)) at training ``step``; ``loss_mask``
+        (B, L) bool: the tokens whose latents the prior is trained on (SFT: assistant turns; a latent
+        is a target when any token of its patch is), the rest is context."""
         cfg = self.cfg
         valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid.bool()
         phase = self.phase(step)
@@ -269,6 +272,10 @@ class ColaModel(nn.Module):
 
         # a categorical prior learns the token id of every latent (patch size 1: latent j = token j)
         targets = input_ids if getattr(self.prior.config, "prediction", "velocity") == "categorical" else None
+        target_mask = None
+        if loss_mask is not None:
+            p = self.vae.config.patch_size
+            target_mask = loss_mask.bool().unflatten(1, (-1, p)).any(-1)  # (B, N) per latent
         if train_prior:
             prior = self.prior
         elif z0.requires_grad:  # VAE phase of interval: gradient through the prior, not into it
@@ -278,11 +285,18 @@ class ColaModel(nn.Module):
         if prior is None:
             with torch.no_grad():
                 flow = flow_matching_loss(
-                    self.prior, z0, encoded.valid, self.block_size, self.flow_cfg, generator, targets
+                    self.prior,
+                    z0,
+                    encoded.valid,
+                    self.block_size,
+                    self.flow_cfg,
+                    generator,
+                    targets,
+                    target_mask,
                 )
         else:
             flow = flow_matching_loss(
-                prior, z0, encoded.valid, self.block_size, self.flow_cfg, generator, targets
+                prior, z0, encoded.valid, self.block_size, self.flow_cfg, generator, targets, target_mask
             )
             total = total + cfg.prior_weight * flow.loss
             if cfg.aux_decoder_weight > 0:
@@ -321,4 +335,4 @@ class _Decode(nn.Module):
 
 def cola_loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> LossOutput:
     """The trainer's loss function for Stage 2: ``batch`` holds ``input_ids`` (B, L) and maybe ``valid``."""
-    return model(batch["input_ids"], batch.get("valid"), step=step)
+    return model(batch["input_ids"], batch.get("valid"), step=step, loss_mask=batch.get("loss_mask"))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 from transformers import PreTrainedTokenizerFast
 
+from prior.checkpoints.released import load_cola_pipeline
 from prior.checkpoints.run_folders import resolve_export
 from prior.models.ar import ARTransformer
 from prior.models.mmdit import MMDiT
@@ -81,12 +82,12 @@ def save_vae_export(model: TextVAE, tokenizer: PreTrainedTokenizerFast, out_dir:
     tokenizer.save_pretrained(out_dir / "tokenizer")
 
 
-def _run(cfg: RunConfig, model, loss_fn, tokenizer, save_model_fn, describe) -> TrainResult:
-    """The tail every recipe shares: the datasets, the one trainer, the run folder's record
-    (tokenizer + resolved config, written once the trainer has validated the folder), a one-line
-    summary (``describe(train_ds, val_ds)``), then training."""
+def _run(cfg: RunConfig, model, loss_fn, tokenizer, save_model_fn, describe, datasets=None) -> TrainResult:
+    """The tail every recipe shares: the datasets (``cfg.data``'s text unless ``datasets`` are given),
+    the one trainer, the run folder's record (tokenizer + resolved config, written once the trainer
+    has validated the folder), a one-line summary (``describe(train_ds, val_ds)``), then training."""
     run_dir = Path(cfg.train.output_dir)
-    train_ds, val_ds = build_text_datasets(cfg.data, tokenizer)
+    train_ds, val_ds = datasets if datasets is not None else build_text_datasets(cfg.data, tokenizer)
     trainer = Trainer(
         model, loss_fn, train_ds, val_ds if len(val_ds) else None, cfg.train, save_model_fn=save_model_fn
     )
@@ -157,8 +158,15 @@ def prior_kwargs(cfg: RunConfig, latent_dim: int) -> dict:
 
 
 def build_cola_model(cfg: RunConfig, run_dir: Path) -> tuple[ColaModel, PreTrainedTokenizerFast]:
-    """The Stage-2 model (VAE + prior + frozen reference encoder) and its tokenizer."""
-    vae, tokenizer = _stage2_vae(cfg, run_dir)
+    """The Stage-2 model (VAE + prior + frozen reference encoder) and its tokenizer; with
+    ``init_from`` the prior starts from that model's weights (and for SFT the VAE and tokenizer too)."""
+    source = load_cola_pipeline(cfg.init_from, purpose="init_from") if cfg.init_from else None
+    if cfg.task == "sft":
+        if source is None:
+            raise ConfigError("task: sft needs init_from (a trained Cola run, pipeline or released folder)")
+        vae, tokenizer = source.text_vae, source.tokenizer
+    else:
+        vae, tokenizer = _stage2_vae(cfg, run_dir)
     kwargs = prior_kwargs(cfg, vae.config.latent_dim)
     categorical = kwargs["prediction"] == "categorical"
     if categorical:
@@ -169,7 +177,24 @@ def build_cola_model(cfg: RunConfig, run_dir: Path) -> tuple[ColaModel, PreTrain
     prior = MMDiT(**kwargs)
     if categorical:
         prior.set_token_latents(token_latent_table(vae))
+    if source is not None:
+        load_init_weights(prior, source.prior, cfg.init_from)
     return ColaModel(vae, prior, cfg.joint, cfg.flow), tokenizer
+
+
+def load_init_weights(prior: torch.nn.Module, source: torch.nn.Module, where: str) -> None:
+    """Copy ``source``'s weights into ``prior``; a missing, extra or differently shaped tensor is one
+    ConfigError naming the first one (the ``prior:`` section must describe the same architecture)."""
+    src, dst = source.state_dict(), prior.state_dict()
+    for key in sorted(set(src) | set(dst)):
+        a, b = src.get(key), dst.get(key)
+        if a is None or b is None or a.shape != b.shape:
+            shape = lambda t: "absent" if t is None else tuple(t.shape)  # noqa: E731
+            raise ConfigError(
+                f"init_from {where}: prior tensor {key!r} is {shape(a)} there but {shape(b)} in this run's "
+                "prior: config; make prior: match the checkpoint"
+            )
+    prior.load_state_dict(src)
 
 
 def _check_categorical(cfg: RunConfig, vae: TextVAE) -> None:
@@ -266,4 +291,20 @@ def train_ar(cfg: RunConfig) -> TrainResult:
     )  # fmt: skip
 
 
-TRAINERS = {"vae": train_text_vae, "cola": train_cola, "ar": train_ar}
+def train_sft(cfg: RunConfig) -> TrainResult:
+    """Supervised fine-tuning on chats: the prior (and the VAE with ``joint.mode: joint``) of the
+    ``init_from`` model trained on assistant turns only (``chat:``, :mod:`unimodal.chat_data`)."""
+    from unimodal.chat_data import build_chat_datasets, ensure_chat_template
+
+    model, tokenizer = build_cola_model(cfg, Path(cfg.train.output_dir))
+    ensure_chat_template(tokenizer)
+    datasets = build_chat_datasets(cfg.chat, tokenizer)
+    return _run(
+        cfg, model, cola_loss_fn, tokenizer, lambda m, d: save_pipeline_export(m, tokenizer, cfg.generation, d),
+        lambda tr, va: f"SFT ({cfg.joint.mode}) from {cfg.init_from}: prior {_millions(model.prior)}; "
+        f"{len(tr)} train / {len(va)} validation conversations x {cfg.chat.seq_len} tokens",
+        datasets=datasets,
+    )  # fmt: skip
+
+
+TRAINERS = {"vae": train_text_vae, "cola": train_cola, "ar": train_ar, "sft": train_sft}

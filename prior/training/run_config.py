@@ -12,7 +12,10 @@ Stage-2 runs add ``stage1`` (the Stage-1 run or export to start from), ``prior``
 ``flow`` (flow matching), ``joint`` (the joint-training mode) and ``generation`` (samples printed at
 the end). ``task: image_vae`` trains an ``AutoencoderKL`` (``image_vae:``) on ``image_data:``;
 ``task: multimodal`` trains the text+image MMDiT (``prior:``, ``flow:``, ``multimodal:``) on
-``image_data:`` pairs, from the Text VAE and image VAE runs named in ``multimodal:``. The matched autoregressive baseline (``task: ar``) reads ``stage1`` (its tokenizer only,
+``image_data:`` pairs, from the Text VAE and image VAE runs named in ``multimodal:``. ``task: sft``
+fine-tunes a trained Cola model (``init_from``: its VAE, tokenizer and prior) on ``chat:``
+conversations, the loss on assistant turns only; ``init_from`` also starts a ``task: cola`` prior
+from trained weights (continued pretraining). The matched autoregressive baseline (``task: ar``) reads ``stage1`` (its tokenizer only,
 so both systems see identical tokens), ``ar`` (:class:`~prior.models.ar.ARTransformer`, its
 ``vocab_size`` derived from the tokenizer) and ``generation``. Loading goes through
 :func:`unimodal.config.load_config`: unknown keys, wrong types and missing files are one-line
@@ -38,6 +41,7 @@ from prior.training.flow_matching import FlowMatchingConfig
 from prior.training.joint import JointConfig
 from prior.training.multimodal import MultimodalConfig
 from prior.training.trainer_config import TrainerConfig
+from unimodal.chat_data import ChatDataConfig
 from unimodal.config import ConfigError, load_config, schema_from_signature
 from unimodal.image_text_data import ImageTextDataConfig
 from unimodal.image_vae import ImageVAEConfig
@@ -45,7 +49,7 @@ from unimodal.text_data import DataConfig
 from unimodal.text_vae import TextVAE
 from unimodal.tokenization import TokenizerConfig
 
-TASKS = ("vae", "cola", "ar", "image_vae", "multimodal")
+TASKS = ("vae", "cola", "ar", "image_vae", "multimodal", "sft")
 
 TextVAEConfig = schema_from_signature(TextVAE, derived=("vocab_size",))  # from the tokenizer
 MMDiTConfig = schema_from_signature(MMDiT, derived=("in_channels",))  # from the VAE's latent_dim
@@ -63,6 +67,10 @@ class RunConfig:
     train: TrainerConfig = field(default_factory=TrainerConfig)
     # Stage 2 (task: cola)
     stage1: str | None = None  # Stage-1 run folder or export; required unless joint.mode == scratch
+    # initialise from a trained Cola model (a run folder, a pipeline folder or a released folder):
+    # task sft (required: its VAE, tokenizer and prior weights) and task cola (prior weights)
+    init_from: str | None = None
+    chat: ChatDataConfig = field(default_factory=ChatDataConfig)  # task sft: the conversations
     prior: MMDiTConfig = field(default_factory=MMDiTConfig)
     flow: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
     joint: JointConfig = field(default_factory=JointConfig)
@@ -80,7 +88,7 @@ class RunConfig:
         if self.builds_vae:
             if self.vae is None:
                 self.vae = TextVAEConfig()
-        elif self.vae is not None and self.task in ("ar", "image_vae", "multimodal"):
+        elif self.vae is not None and self.task in ("ar", "image_vae", "multimodal", "sft"):
             raise ConfigError(
                 f"vae: is unused by task: {self.task} (it builds no Text VAE; a Text VAE comes from a Stage-1 run "
                 "folder); remove the vae: section"
