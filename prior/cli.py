@@ -1,5 +1,6 @@
 """The ``unimodal`` command line.
 
+    unimodal chat CHECKPOINT                  multi-turn chat (chat template, streamed block by block, /reset)
     unimodal quickstart [--baseline ar]       tiny Stage 1 + Stage 2 on the embedded corpus, then samples
     unimodal train CONFIG [key=value ...]     train from a YAML run config (task: vae | cola | ar)
     unimodal eval-vae CHECKPOINT              held-out reconstruction + robustness curve of a Text VAE
@@ -138,6 +139,33 @@ def cmd_sample(args: argparse.Namespace) -> None:
     out = pipe(args.prompt, config, generator=generator)
     for prompt, text in zip(args.prompt, out.texts):
         print(f"{prompt}\u2502{text}")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from prior.checkpoints.released import load_cola_pipeline
+    from prior.pipelines.chat import ChatSession
+
+    pipe = load_cola_pipeline(args.checkpoint, purpose="unimodal chat")
+    pipe.set_progress_bar_config(disable=True)
+    session = ChatSession(pipe, _generation_config(pipe, args), seed=args.seed, system=args.system)
+    print("chat: /reset clears the conversation, /exit quits", flush=True)
+    while True:
+        try:
+            line = input("user> ")
+        except EOFError:
+            break
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            session.reset()
+            print("(conversation reset)", flush=True)
+            continue
+        if not line.strip():
+            continue
+        print("assistant> ", end="", flush=True)
+        for piece in session.stream_reply(line):
+            print(piece, end="", flush=True)
+        print(flush=True)
 
 
 # Quickstart recipes: config overrides applied before the user's --vae / --cola ones.
@@ -355,6 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, default=None)
     p.add_argument("overrides", nargs="*", help="key=value overrides of the data section")
     p.set_defaults(func=cmd_eval_vae)
+
+    p = sub.add_parser(
+        "chat", help="a multi-turn terminal chat with a Cola pipeline (streamed block by block)"
+    )
+    p.add_argument("checkpoint", help="a Cola run folder, pipeline folder or released folder")
+    p.add_argument("--system", default=None, help="a system message at the start of the conversation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--released", action="store_true", help="start from the released preset")
+    add_generation_flags(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("sample", help="generate text with a Cola (or AR baseline) pipeline")
     p.add_argument("checkpoint", help="pipeline folder, Stage-2 run folder or AR baseline run folder")

@@ -122,3 +122,25 @@ def test_continued_pretraining_starts_from_the_checkpoint_weights(tmp_path):
     model, _ = build_cola_model(cfg, Path(cfg.train.output_dir))
     for key, value in pipe.prior.state_dict().items():
         assert torch.equal(model.prior.state_dict()[key], value), key
+
+
+def test_chat_cli_streams_replies_and_resets(tmp_path, monkeypatch, capsys):
+    import io
+
+    from prior.cli import main
+    from prior.pipelines.chat import ChatSession
+
+    pipe = tiny_pipeline(SENTENCES, perturb_scale=0.05)
+    session = ChatSession(
+        pipe, pipe.generation_config.replace(max_new_tokens=4, num_inference_steps=2), system="be brief"
+    )
+    reply = "".join(session.stream_reply("Spell: cat"))
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant"]
+    assert session.messages[-1]["content"] == reply_text(reply)
+    session.reset()
+    assert session.messages == [{"role": "system", "content": "be brief"}]
+    pipe.save_pretrained(tmp_path / "pipe")
+    monkeypatch.setattr("sys.stdin", io.StringIO("Spell: cat\n/reset\nWhat is 3 + 4?\n"))
+    assert main(["chat", str(tmp_path / "pipe"), "--steps", "2", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("assistant> ") == 2 and "(conversation reset)" in out
