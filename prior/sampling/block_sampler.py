@@ -179,9 +179,14 @@ class BlockSampler:
     ) -> SamplerOutput:
         """Generate continuations of ``prompt_ids`` (a list of token id lists, lengths may differ)."""
         rows = self.layout(prompt_ids)
+        return self._collect(rows, self._blocks(rows, generator, noise, step_callback))
+
+    @staticmethod
+    def _collect(rows: list[RowState], blocks: Iterator[BlockOutput]) -> SamplerOutput:
+        """Run the block loop to its end and gather its blocks into one output."""
         token_ids = [[] for _ in rows]
         latents, ids, last = [], [], None
-        for out in self._blocks(rows, generator, noise, step_callback):
+        for out in blocks:
             for acc, new in zip(token_ids, out.token_ids):
                 acc.extend(new)
             latents.append(out.latents)

@@ -104,17 +104,7 @@ class MultimodalSampler(BlockSampler):
             raise ValueError(f"{len(prompt_ids)} prompts for {images.shape[0]} images")
         rows = self.layout(prompt_ids)
         context = self.prefill_images(images)
-        token_ids = [[] for _ in rows]
-        latents, ids, last = [], [], None
-        for out in self._blocks(rows, generator, noise, step_callback, context=context):
-            for acc, new in zip(token_ids, out.token_ids):
-                acc.extend(new)
-            latents.append(out.latents)
-            ids.append(out.sampled_ids)
-            last = out
-        return SamplerOutput(
-            token_ids, latents, ids, last.num_prior_calls, len(latents), last.finished, [r.trim for r in rows]
-        )
+        return self._collect(rows, self._blocks(rows, generator, noise, step_callback, context=context))
 
     # ------------------------------------------------------------------ text -> image
 
