@@ -294,3 +294,12 @@ def test_text_to_image_refuses_a_prompt_longer_than_the_maximum():
     pipe = tiny_multimodal_pipeline()
     with pytest.raises(ValueError, match="more than the maximum 64"):
         pipe.sampler(GenerationConfig(num_inference_steps=1)).text_to_image([[5] * 65], 16, 16)
+
+
+def test_text_to_image_per_prompt_generators():
+    pipe = tiny_multimodal_pipeline()
+    pipe.generation_config = GenerationConfig(num_inference_steps=2)
+    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    both = pipe(["a red circle", "a blue square"], generator=[g(1), g(2)], output_type="pt").images
+    alone = pipe(["a blue square"], generator=[g(2)], output_type="pt").images
+    assert torch.allclose(both[1:], alone, atol=1e-5)

@@ -337,3 +337,27 @@ def test_guidance_interval_and_noise_scale(models):
     assert all(torch.equal(a, b) for a, b in zip(scaled.block_latents, doubled.block_latents))
     with pytest.raises(ValueError, match="guidance_interval"):
         GenerationConfig(guidance_interval=[0.8, 0.2])
+
+
+def test_per_row_generators_make_each_row_independent_of_the_batch():
+    """A list of generators (diffusers' convention): row i's noise and sampled tokens come from
+    generator i, so a row's output is the same alone or next to any other prompt."""
+    from helpers import tiny_pipeline
+
+    from prior.sampling.block_sampler import BlockSampler
+    from prior.sampling.config import GenerationConfig
+
+    pipe = tiny_pipeline(["the cat sat on the mat", "a dog ran in the park"], perturb_scale=0.05)
+    config = GenerationConfig(
+        num_inference_steps=3, max_new_tokens=8, temperature=0.9, top_p=0.95, stop_on_eos=False
+    )
+    sampler = BlockSampler(pipe.text_modality, pipe.prior, pipe.scheduler, config.replace(stop_token_ids=[]))
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    batch = sampler.sample(prompts, generator=gens(1, 2))
+    alone = [sampler.sample([p], generator=gens(s)) for p, s in zip(prompts, (1, 2))]
+    assert batch.token_ids == [a.token_ids[0] for a in alone]
+    swapped = sampler.sample(prompts[::-1], generator=gens(2, 1))
+    assert swapped.token_ids == batch.token_ids[::-1]
+    with pytest.raises(ValueError, match="1 generators for a batch of 2"):
+        sampler.sample(prompts, generator=gens(1))

@@ -56,7 +56,9 @@ Design choices
   (up to float rounding) for the same noise.
 * **Noise**: ``noise`` is a list of per-block tensors or a callable ``noise(block, shape)``; a
   tensor of shape ``(B * bs, d)`` (the released, sample-major draw) or ``(B, bs, d)`` is accepted.
-  Otherwise ``torch.randn`` with ``generator``.
+  Otherwise ``torch.randn`` with ``generator``; a list of generators (one per prompt, as diffusers
+  pipelines take them) draws each row's noise and tokens from its own generator, so a row's output
+  does not depend on what else is in the batch (a server batching requests relies on it).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ import torch
 from modalities.text import TextModality
 from prior.sampling.config import GenerationConfig
 from prior.sampling.stopping import RowState, make_stop_rule
-from prior.sampling.tokens import apply_repetition_penalty, finite_logits, sample_tokens
+from prior.sampling.tokens import apply_repetition_penalty, finite_logits, row_randn, sample_tokens
 from unimodal.kv_cache import KVCache
 
 NoiseSource = Sequence[torch.Tensor] | Callable[[int, tuple[int, ...]], torch.Tensor] | None
@@ -422,8 +424,7 @@ class BlockSampler:
     def _noise(self, noise: NoiseSource, block: int, batch: int, generator, device) -> torch.Tensor:
         shape = (batch, self.block_size, self.latent_dim)
         if noise is None:
-            gen_device = generator.device if generator is not None else device
-            eps = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+            eps = row_randn(shape, generator, device)
         elif callable(noise):
             eps = noise(block, shape)
         else:

@@ -38,6 +38,7 @@ from modalities.image import ImageModality
 from modalities.text import TextModality
 from prior.sampling.block_sampler import BlockSampler, Context, NoiseSource, SamplerOutput, StepState
 from prior.sampling.config import GenerationConfig
+from prior.sampling.tokens import row_randn
 from unimodal.kv_cache import KVCache
 
 
@@ -155,8 +156,7 @@ class MultimodalSampler(BlockSampler):
         blocks = (-(-lengths // bs))[:, None].expand(batch, n_img)  # ceil(n / block): after the prompt
         w = torch.where(lengths > 0, float(self.config.guidance_scale), 1.0)
         if noise is None:
-            gen_device = generator.device if generator is not None else device
-            noise = torch.randn((batch, n_img, d_img), generator=generator, device=gen_device)
+            noise = row_randn((batch, n_img, d_img), generator, device)
         if tuple(noise.shape) != (batch, n_img, d_img):
             raise ValueError(f"image noise must be {(batch, n_img, d_img)}, got {tuple(noise.shape)}")
         eps = self.config.noise_scale * noise.to(device=device, dtype=torch.float32)
