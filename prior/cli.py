@@ -1,5 +1,6 @@
 """The ``unimodal`` command line.
 
+    unimodal serve CHECKPOINT                 OpenAI-compatible HTTP server (batched concurrent requests)
     unimodal chat CHECKPOINT                  multi-turn chat (chat template, streamed block by block, /reset)
     unimodal quickstart [--baseline ar]       tiny Stage 1 + Stage 2 on the embedded corpus, then samples
     unimodal train CONFIG [key=value ...]     train from a YAML run config (task: vae | cola | ar)
@@ -166,6 +167,21 @@ def cmd_chat(args: argparse.Namespace) -> None:
         for piece in session.stream_reply(line):
             print(piece, end="", flush=True)
         print(flush=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from prior.checkpoints.released import load_cola_pipeline
+    from prior.serving.server import ServeConfig, create_app
+
+    pipe = load_cola_pipeline(args.checkpoint, purpose="unimodal serve")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.generation_config = _generation_config(pipe, args)
+    cfg = ServeConfig(
+        args.model_name, args.api_key, not args.no_batching, args.batch_window_ms, args.max_batch
+    )
+    uvicorn.run(create_app(pipe, cfg), host=args.host, port=args.port, log_level="warning")
 
 
 # Quickstart recipes: config overrides applied before the user's --vae / --cola ones.
@@ -393,6 +409,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--released", action="store_true", help="start from the released preset")
     add_generation_flags(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server that batches concurrent requests")
+    p.add_argument("checkpoint", help="a Cola run folder, pipeline folder or released folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default="cola", help="the model id clients ask for")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--no-batching", action="store_true", help="serve one request at a time")
+    p.add_argument("--batch-window-ms", type=float, default=20.0)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--released", action="store_true", help="start from the released preset")
+    add_generation_flags(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("sample", help="generate text with a Cola (or AR baseline) pipeline")
     p.add_argument("checkpoint", help="pipeline folder, Stage-2 run folder or AR baseline run folder")

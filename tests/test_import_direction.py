@@ -44,6 +44,7 @@ PRIOR_ALLOWED = {
     "checkpoints": {"models", "sampling", "pipelines"},
     "eval": {"models", "sampling", "pipelines", "checkpoints"},
     "training": {"models", "sampling", "pipelines", "checkpoints"},
+    "serving": {"models", "sampling", "pipelines", "checkpoints"},
 }
 
 
