@@ -48,7 +48,7 @@ def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
         t0 = time.perf_counter()
         out = client.chat.completions.create(model="cola", messages=messages, max_tokens=max_tokens,
                                              temperature=0.8, seed=c * 1000 + r)  # fmt: skip
-        return time.perf_counter() - t0, out.usage.completion_tokens
+        return time.perf_counter() - t0, out.usage.completion_tokens, out.choices[0].message.content
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -59,6 +59,7 @@ def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     return {
         "requests/s": len(jobs) / wall, "tokens/s": tokens / wall, "p50 s": statistics.median(latencies),
         "p95 s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], "wall s": wall, "tokens": tokens,
+        "texts": [r[2] for r in results],
     }  # fmt: skip
 
 
@@ -88,6 +89,10 @@ def main(argv: list[str] | None = None) -> None:
             + " |"
         )
     a, b = rows["batched"], rows["one at a time"]
+    same = sum(x == y for x, y in zip(a["texts"], b["texts"]))
+    print(
+        f"responses identical between the two servers (same requests, same seeds): {same}/{len(a['texts'])}"
+    )
     print(f"batched / one at a time: tokens/s {a['tokens/s'] / b['tokens/s']:.2f}x, "
           f"requests/s {a['requests/s'] / b['requests/s']:.2f}x, p95 latency {a['p95 s'] / b['p95 s']:.2f}x")  # fmt: skip
 

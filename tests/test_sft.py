@@ -144,3 +144,26 @@ def test_chat_cli_streams_replies_and_resets(tmp_path, monkeypatch, capsys):
     assert main(["chat", str(tmp_path / "pipe"), "--steps", "2", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert out.count("assistant> ") == 2 and "(conversation reset)" in out
+
+
+def test_chat_data_from_jsonl_and_hf_files(tmp_path):
+    import json
+
+    from unimodal.chat_data import ChatDataConfig, build_chat_datasets
+
+    tok = _tok()
+    rows = [{"messages": synthetic_chat(i)[0]} for i in range(12)]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    train, val = build_chat_datasets(
+        ChatDataConfig(source="jsonl", paths=[str(path)], seq_len=96, num_val=3), tok
+    )
+    assert len(train) + len(val) == 12 and len(val) >= 1
+    pytest.importorskip("datasets")
+    train, val = build_chat_datasets(
+        ChatDataConfig(source="hf", hf_name=str(path), seq_len=96, num_val=3), tok
+    )
+    assert len(train) + len(val) == 12
+    (tmp_path / "bad.jsonl").write_text('{"text": "no messages"}\n')
+    with pytest.raises(ValueError, match="no 'messages' list"):
+        build_chat_datasets(ChatDataConfig(source="jsonl", paths=[str(tmp_path / "bad.jsonl")]), tok)

@@ -196,9 +196,24 @@ def _read_conversations(cfg: ChatDataConfig) -> list[list[dict]]:
                     except (json.JSONDecodeError, KeyError, TypeError) as e:
                         raise ValueError(f"{path}:{n + 1}: no {cfg.messages_field!r} list ({e})") from e
         return out
-    import datasets
-
-    ds = datasets.load_dataset(cfg.hf_name, split=cfg.hf_split)
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - the eval extra
+        raise ImportError("chat.source='hf' needs `pip install datasets`") from e
+    path = Path(cfg.hf_name).expanduser()
+    if path.is_dir() and (path / "dataset_info.json").exists():
+        ds = datasets.load_from_disk(str(path))
+    elif path.is_file():
+        builder = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}.get(path.suffix)
+        if builder is None:
+            raise ValueError(f"chat.hf_name={cfg.hf_name!r}: a data file must be .json, .jsonl or .parquet")
+        ds = datasets.load_dataset(builder, data_files=str(path), split=cfg.hf_split)
+    else:
+        ds = datasets.load_dataset(cfg.hf_name, split=cfg.hf_split)
+    if cfg.messages_field not in ds.column_names:
+        raise ValueError(
+            f"HF dataset {cfg.hf_name!r} has no column {cfg.messages_field!r} (columns: {ds.column_names})"
+        )
     return [row[cfg.messages_field] for row in ds]
 
 
