@@ -35,6 +35,9 @@ Design choices
   per-token positions and validity, so cached keys, left padding (invalid slots) and rows of
   different lengths need no special case. Default positions are ``0..L-1``, or continue each
   row's cache (``cache.lengths() + 0..L-1``).
+* **``causal=False``** makes it the bidirectional transformer of the masked-diffusion baseline
+  (:mod:`prior.training.masked_diffusion`, :mod:`prior.sampling.masked_diffusion`): full attention
+  over the valid tokens, no KV cache.
 * **Init**: GPT-2's: normal(0, ``init_std``) for linear and embedding weights, the residual
   output projections scaled by ``1 / sqrt(2 num_layers)``, zero biases, LayerNorms 1 / 0.
 """
@@ -52,7 +55,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from unimodal.attention import BACKENDS, Rotary, apply_rope, attention, rope_inv_freq, rotary
 from unimodal.kv_cache import KVCache
-from unimodal.masks import AttentionMask, causal_mask
+from unimodal.masks import AttentionMask, block_id_mask, causal_mask
 
 
 @dataclass
@@ -134,6 +137,7 @@ class ARTransformer(ModelMixin, ConfigMixin):
         qk_bias: bool = False,
         attn_backend: str = "sdpa",
         init_std: float = 0.02,
+        causal: bool = True,
     ):
         super().__init__()
         if rope_dim % 2 or not 0 <= rope_dim <= head_dim:
@@ -217,8 +221,14 @@ class ARTransformer(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"position {int(positions.max())} exceeds the model's max_seq_len {self.config.max_seq_len}"
             )
+        if not self.config.causal and kv_cache is not None:
+            raise ValueError("a bidirectional (causal=False) transformer has no KV cache")
         k_pos, k_valid = (positions, valid) if kv_cache is None else kv_cache.key_metadata(positions, valid)
-        mask = causal_mask(positions, k_pos, valid, k_valid)  # (B, L, S + L)
+        if self.config.causal:
+            mask = causal_mask(positions, k_pos, valid, k_valid)  # (B, L, S + L)
+        else:  # every valid token sees every valid token (the masked-diffusion baseline)
+            zeros = torch.zeros_like(positions)
+            mask = block_id_mask(zeros, zeros, valid, valid)
         inv_freq = self._rope_inv_freq(device)
         rope = rotary(positions, inv_freq, "interleaved") if inv_freq.numel() else None
         backend = self.config.attn_backend

@@ -1,0 +1,73 @@
+"""The masked-diffusion baseline's pieces: the 1/t-weighted loss on a hand-computed case, the
+unmasking schedule and the sampler, the bidirectional transformer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from prior.models.ar import ARTransformer
+from prior.sampling.masked_diffusion import masked_diffusion_sample, unmask_schedule
+from prior.training.masked_diffusion import masked_diffusion_loss
+
+
+@dataclass
+class _Out:
+    logits: torch.Tensor
+
+
+class FixedLogits(torch.nn.Module):
+    """Logits that ignore the input: log-probs [log .5, log .25, log .25] over ids 0, 1, 2 (3 = mask)."""
+
+    def forward(self, ids, valid=None):
+        row = torch.tensor([math.log(0.5), math.log(0.25), math.log(0.25), 5.0])
+        return _Out(row.expand(*ids.shape, 4).clone())
+
+
+def test_loss_on_a_hand_computed_case():
+    ids = torch.tensor([[0, 1, 2, 0], [1, 1, 0, 2]])
+    masked = torch.tensor([[True, True, False, False], [False, False, False, True]])
+    t = torch.tensor([0.5, 0.25])
+    out = masked_diffusion_loss(FixedLogits(), ids, mask_id=3, t=t, masked=masked)
+    # row 0: (-log .5 - log .25) / 0.5; row 1: -log .25 / 0.25; divided by the 8 valid tokens
+    expected = ((math.log(2) + math.log(4)) / 0.5 + math.log(4) / 0.25) / 8
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_schedule_and_sampler_unmask_exactly_what_the_schedule_says():
+    assert unmask_schedule(8, 3) == [3, 3, 2] and sum(unmask_schedule(16, 5)) == 16
+    with pytest.raises(ValueError):
+        unmask_schedule(4, 5)
+    torch.manual_seed(0)
+    model = ARTransformer(
+        vocab_size=21, width=32, heads=2, head_dim=16, rope_dim=8, num_layers=1, causal=False
+    ).eval()
+    mask_id = 20
+    seen = []
+    original = model.forward
+
+    def counting(ids, **kw):  # the masks left before every forward of the generated span
+        seen.append(int((ids[0, 3:] == mask_id).sum()))
+        return original(ids, **kw)
+
+    model.forward = counting
+    out = masked_diffusion_sample(model, [1, 2, 3], mask_id, gen_len=8, block_len=4, steps_per_block=3)
+    assert out.committed == [2, 1, 1] * 2 and out.num_forwards == 6
+    assert seen == [8, 6, 5, 4, 2, 1]  # each step commits exactly its schedule's count
+    assert mask_id not in out.token_ids and len(out.token_ids) == 8
+
+
+def test_bidirectional_transformer_sees_later_tokens():
+    torch.manual_seed(0)
+    model = ARTransformer(
+        vocab_size=10, width=32, heads=2, head_dim=16, rope_dim=8, num_layers=1, causal=False
+    )
+    a, b = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 2, 3, 5]])
+    assert not torch.allclose(model(a).logits[:, 0], model(b).logits[:, 0])  # position 0 sees position 3
+    causal = ARTransformer(vocab_size=10, width=32, heads=2, head_dim=16, rope_dim=8, num_layers=1)
+    assert torch.allclose(causal(a).logits[:, 0], causal(b).logits[:, 0])
+    with pytest.raises(ValueError, match="no KV cache"):
+        model(a, kv_cache=model.new_kv_cache())
