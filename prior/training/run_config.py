@@ -49,7 +49,7 @@ from unimodal.text_data import DataConfig
 from unimodal.text_vae import TextVAE
 from unimodal.tokenization import TokenizerConfig
 
-TASKS = ("vae", "cola", "ar", "image_vae", "multimodal", "sft")
+TASKS = ("vae", "cola", "ar", "image_vae", "multimodal", "sft", "mdm")
 
 TextVAEConfig = schema_from_signature(TextVAE, derived=("vocab_size",))  # from the tokenizer
 MMDiTConfig = schema_from_signature(MMDiT, derived=("in_channels",))  # from the VAE's latent_dim
@@ -77,6 +77,8 @@ class RunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)  # saved in every export
     # the autoregressive baseline (task: ar); its tokenizer comes from stage1
     ar: ARTransformerConfig = field(default_factory=ARTransformerConfig)
+    # the masked-diffusion baseline (task: mdm): the same transformer, bidirectional, + a mask id
+    mdm: ARTransformerConfig = field(default_factory=ARTransformerConfig)
     # the unified text-image path: the image VAE (task: image_vae) and the multimodal prior
     image_data: ImageTextDataConfig = field(default_factory=ImageTextDataConfig)
     image_vae: ImageVAEConfig = field(default_factory=ImageVAEConfig)
@@ -88,7 +90,7 @@ class RunConfig:
         if self.builds_vae:
             if self.vae is None:
                 self.vae = TextVAEConfig()
-        elif self.vae is not None and self.task in ("ar", "image_vae", "multimodal", "sft"):
+        elif self.vae is not None and self.task in ("ar", "image_vae", "multimodal", "sft", "mdm"):
             raise ConfigError(
                 f"vae: is unused by task: {self.task} (it builds no Text VAE; a Text VAE comes from a Stage-1 run "
                 "folder); remove the vae: section"
