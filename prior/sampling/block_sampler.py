@@ -222,14 +222,11 @@ class BlockSampler:
             prompt_ids = prompt_ids.tolist()
         if len(prompt_ids) == 0:
             raise ValueError("prompt_ids is empty: pass at least one (possibly empty) prompt")
-        vocab, cfg, bs, p = self.text.vocab_size, self.config, self.block_size, self.patch_size
+        cfg, bs, p = self.config, self.block_size, self.patch_size
         chunk = bs * p
         rows = []
         for i, ids in enumerate(prompt_ids):
-            ids = [int(t) for t in ids]
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt {i} holds token id {bad[0]} outside the vocabulary [0, {vocab})")
+            ids = self._check_ids(i, ids)
             n = len(ids)
             if cfg.first_block in ("left_pad", "right_pad"):
                 pads = [self._pad_id(i, n, chunk)] * ((-n) % chunk)
@@ -247,6 +244,14 @@ class BlockSampler:
                 )
             rows.append(row)
         return rows
+
+    def _check_ids(self, i: int, ids: Sequence[int]) -> list[int]:
+        """Prompt ``i``'s ids as ints; an id outside the vocabulary is one ValueError naming it."""
+        ids, vocab = [int(t) for t in ids], self.text.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt {i} holds token id {bad[0]} outside the vocabulary [0, {vocab})")
+        return ids
 
     def _pad_id(self, i: int, n: int, multiple: int) -> int:
         if n % multiple and self.config.pad_token_id is None:

@@ -126,13 +126,10 @@ class MultimodalSampler(BlockSampler):
             raise ValueError("prompt_ids is empty: pass at least one (possibly empty) prompt")
         grid = self.image.grid_size(height, width)  # fails on sizes the latent patches cannot tile
         n_img, d_img, device, bs = grid[0] * grid[1], self.image.latent_dim, self._device(), self.block_size
-        batch, vocab, p = len(prompt_ids), self.text.vocab_size, self.patch_size
+        batch, p = len(prompt_ids), self.patch_size
         rows = []
         for i, ids in enumerate(prompt_ids):
-            ids = [int(t) for t in ids]
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt {i} holds token id {bad[0]} outside the vocabulary [0, {vocab})")
+            ids = self._check_ids(i, ids)
             if len(ids) > self.text.max_tokens:
                 raise ValueError(
                     f"prompt {i} is {len(ids)} tokens, more than the maximum {self.text.max_tokens}"

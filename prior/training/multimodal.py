@@ -86,7 +86,12 @@ class MultimodalConfig:
 
     def flow_for(self, flow: FlowMatchingConfig, modality: str) -> FlowMatchingConfig:
         """The flow settings of one stream: ``flow`` with this modality's ``loc`` override, if any."""
-        return replace(flow, loc=float(self.loc[modality])) if modality in self.loc else flow
+        return stream_flow(flow, self.loc, modality)
+
+
+def stream_flow(flow: FlowMatchingConfig, loc: dict[str, float] | None, modality: str) -> FlowMatchingConfig:
+    """``flow`` with ``loc[modality]`` as its logit-normal location when given (per-stream time sampling)."""
+    return replace(flow, loc=float(loc[modality])) if loc and modality in loc else flow
 
 
 # ----------------------------------------------------------------------------- the 2L layout
@@ -134,10 +139,9 @@ def build_multimodal_2l(
         s = segments[m]
         blocks = s.block_ids.clamp(0, num_blocks - 1)
         if t is None:
-            cfg_m = replace(cfg, loc=float(loc[m])) if loc and m in loc else cfg  # per-stream time sampling
-            t_m = sample_t((batch, num_blocks), cfg_m, s.latent_dim, dev, generator).gather(
-                1, blocks
-            )  # (B, N)
+            t_m = sample_t(
+                (batch, num_blocks), stream_flow(cfg, loc, m), s.latent_dim, dev, generator
+            ).gather(1, blocks)  # (B, N)
         else:
             t_m = t[m].to(dev, torch.float32)
         e = eps[m] if eps is not None else torch.randn(s.latents.shape, generator=generator, device=dev)

@@ -24,11 +24,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from modalities.image import ImageModality
 from modalities.text import TextModality
 from prior.checkpoints.run_folders import resolve_export
-from prior.models.mmdit import MMDiT
 from prior.pipelines.pipeline_cola_multimodal import ColaTextToImagePipeline
 from prior.training.multimodal import MultimodalModel, multimodal_loss_fn
 from prior.training.outputs import LossOutput, TrainResult
-from prior.training.recipes import _derive, _millions, token_latent_table
+from prior.training.recipes import _derive, _millions, build_prior
 from prior.training.run_config import RunConfig
 from prior.training.trainer import Trainer
 from unimodal.config import ConfigError, to_yaml
@@ -137,18 +136,13 @@ def build_multimodal_model(cfg: RunConfig):
     text = TextModality(text_vae, tokenizer, kwargs["block_size"])
     image = ImageModality(image_vae, mm.patch_size)
     _derive(kwargs, "prior", "in_channels", [text.latent_dim, image.latent_dim], "the two VAEs' latent dims")
-    categorical = kwargs["prediction"] == "categorical"
-    if categorical:
-        if text_vae.config.encoder_context != "token" or text_vae.config.patch_size != 1:
-            raise ConfigError(
-                "prior.prediction=categorical needs a token-local Text VAE (encoder_context=token, patch 1)"
-            )
-        kwargs = _derive({**kwargs, "vocab_size": kwargs["vocab_size"] or None}, "prior", "vocab_size",
-                         text_vae.config.vocab_size, "the Text VAE's vocab_size")  # fmt: skip
-    torch.manual_seed(cfg.train.seed)
-    prior = MMDiT(**kwargs)
-    if categorical:
-        prior.set_token_latents(token_latent_table(text_vae))
+    if kwargs["prediction"] == "categorical" and (
+        text_vae.config.encoder_context != "token" or text_vae.config.patch_size != 1
+    ):
+        raise ConfigError(
+            "prior.prediction=categorical needs a token-local Text VAE (encoder_context=token, patch 1)"
+        )
+    prior = build_prior(kwargs, text_vae, cfg.train.seed)
     return MultimodalModel(text, image, prior, mm, cfg.flow, seed=cfg.train.seed), tokenizer
 
 

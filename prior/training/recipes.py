@@ -169,15 +169,9 @@ def build_cola_model(cfg: RunConfig, run_dir: Path) -> tuple[ColaModel, PreTrain
     else:
         vae, tokenizer = _stage2_vae(cfg, run_dir)
     kwargs = prior_kwargs(cfg, vae.config.latent_dim)
-    categorical = kwargs["prediction"] == "categorical"
-    if categorical:
+    if kwargs["prediction"] == "categorical":
         _check_categorical(cfg, vae)
-        kwargs = _derive({**kwargs, "vocab_size": kwargs["vocab_size"] or None}, "prior", "vocab_size",
-                         vae.config.vocab_size, "the VAE's vocab_size")  # fmt: skip
-    torch.manual_seed(cfg.train.seed)
-    prior = MMDiT(**kwargs)
-    if categorical:
-        prior.set_token_latents(token_latent_table(vae))
+    prior = build_prior(kwargs, vae, cfg.train.seed)
     if source is not None:
         load_init_weights(prior, source.prior, cfg.init_from)
     return ColaModel(vae, prior, cfg.joint, cfg.flow), tokenizer
@@ -196,6 +190,20 @@ def load_init_weights(prior: torch.nn.Module, source: torch.nn.Module, where: st
                 "prior: config; make prior: match the checkpoint"
             )
     prior.load_state_dict(src)
+
+
+def build_prior(kwargs: dict, vae: TextVAE, seed: int) -> MMDiT:
+    """``MMDiT(**kwargs)`` seeded by ``seed``; a categorical prior gets ``vocab_size`` derived from the
+    Text VAE (checked) and the VAE's latent of every token id as its table."""
+    categorical = kwargs["prediction"] == "categorical"
+    if categorical:
+        kwargs = _derive({**kwargs, "vocab_size": kwargs["vocab_size"] or None}, "prior", "vocab_size",
+                         vae.config.vocab_size, "the VAE's vocab_size")  # fmt: skip
+    torch.manual_seed(seed)
+    prior = MMDiT(**kwargs)
+    if categorical:
+        prior.set_token_latents(token_latent_table(vae))
+    return prior
 
 
 def _check_categorical(cfg: RunConfig, vae: TextVAE) -> None:
@@ -266,14 +274,20 @@ def save_ar_export(
     pipe.save_pretrained(out_dir)
 
 
-def build_ar_model(cfg: RunConfig) -> tuple[ARTransformer, PreTrainedTokenizerFast]:
-    """The AR baseline and the tokenizer of the Stage-1 run ``cfg.stage1`` (as a Stage-2 run takes it)."""
+def stage1_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerFast:
+    """The tokenizer of the Stage-1 run ``cfg.stage1``: a baseline uses it, so it sees the same tokens
+    as the Cola runs."""
     if not cfg.stage1:
         raise ConfigError(
-            "stage1 (a Stage-1 run folder or export) is required for task: ar: the baseline uses its "
-            "tokenizer, so it sees the same tokens as the Cola runs"
+            f"stage1 (a Stage-1 run folder or export) is required for task: {cfg.task}: the baseline uses "
+            "its tokenizer, so it sees the same tokens as the Cola runs"
         )
-    tokenizer = load_tokenizer(resolve_export(cfg.stage1, "text_vae") / "tokenizer")
+    return load_tokenizer(resolve_export(cfg.stage1, "text_vae") / "tokenizer")
+
+
+def build_ar_model(cfg: RunConfig) -> tuple[ARTransformer, PreTrainedTokenizerFast]:
+    """The AR baseline and the tokenizer of the Stage-1 run ``cfg.stage1`` (as a Stage-2 run takes it)."""
+    tokenizer = stage1_tokenizer(cfg)
     kwargs = dataclasses.asdict(cfg.ar)
     _derive(kwargs, "ar", "vocab_size", model_vocab_size(tokenizer), "the tokenizer's number of token ids")
     if cfg.data.seq_len > kwargs["max_seq_len"]:
@@ -303,9 +317,7 @@ def train_mdm(cfg: RunConfig) -> TrainResult:
     """The LLaDA-style masked-diffusion baseline: ``mdm:`` (an :class:`ARTransformer` made
     bidirectional, its vocabulary the tokenizer's ids + one mask id), the Stage-1 run's tokenizer,
     the same data and trainer. Exports ``mdm/`` (the model) and ``tokenizer/``."""
-    if not cfg.stage1:
-        raise ConfigError("stage1 (a Stage-1 run folder or export) is required for task: mdm (its tokenizer)")
-    tokenizer = load_tokenizer(resolve_export(cfg.stage1, "text_vae") / "tokenizer")
+    tokenizer = stage1_tokenizer(cfg)
     kwargs = dataclasses.asdict(cfg.mdm)
     _derive(kwargs, "mdm", "vocab_size", model_vocab_size(tokenizer) + 1, "the tokenizer's ids + one mask id")
     if kwargs.pop("causal"):
