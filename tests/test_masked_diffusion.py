@@ -9,9 +9,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from prior.checkpoints.released import load_pipeline
 from prior.models.ar import ARTransformer
+from prior.pipelines.folders import pipeline_class_name
+from prior.pipelines.pipeline_mdm_text import MDMTextPipeline
 from prior.sampling.masked_diffusion import masked_diffusion_sample, unmask_schedule
 from prior.training.masked_diffusion import masked_diffusion_loss
+from unimodal.tokenization import model_vocab_size
 
 
 @dataclass
@@ -92,15 +96,57 @@ def test_mdm_task_trains_and_exports(tmp_path):
         "\n\n".join(["the cat sat on the mat " * 6, "a dog ran in the park " * 6] * 4)
     )
     assert train_mdm(cfg).step == 2
-    exported = ARTransformer.from_pretrained(
-        tmp_path / "mdm" / "checkpoints" / "step_0000002" / "model" / "mdm"
-    )
-    assert (
-        not exported.config.causal
-        and exported.config.vocab_size == pipe.text_vae.config.vocab_size + 1
-        or True
-    )
-    out = masked_diffusion_sample(
-        exported, [1, 2], exported.config.vocab_size - 1, gen_len=4, block_len=2, steps_per_block=2
-    )
-    assert len(out.token_ids) == 4
+    run = tmp_path / "mdm"
+    folder = run / "checkpoints" / "step_0000002" / "model"
+    assert pipeline_class_name(folder) == "MDMTextPipeline"
+    loaded = load_pipeline(run)  # a run folder resolves to its newest export, as for Cola and AR
+    assert isinstance(loaded, MDMTextPipeline)
+    assert not loaded.transformer.config.causal
+    assert loaded.transformer.config.vocab_size == model_vocab_size(loaded.tokenizer) + 1
+    assert loaded.config.block_length == 16 and loaded.generation_config.max_new_tokens == 48
+    out = loaded(["the cat", ""], max_new_tokens=5, num_inference_steps=4, stop_on_eos=False)
+    assert [len(ids) for ids in out.token_ids] == [5, 5] and out.num_model_calls == 4
+    with pytest.raises(ValueError, match="block_length=16"):
+        loaded("the cat", num_inference_steps=17)
+    with pytest.raises(ValueError, match="causal=False"):
+        MDMTextPipeline(
+            ARTransformer(vocab_size=10, width=32, heads=2, head_dim=16, rope_dim=8, num_layers=1), None
+        )
+
+
+def _tiny_mdm_pipeline(block_length: int = 4) -> MDMTextPipeline:
+    from helpers import tiny_pipeline
+
+    tokenizer = tiny_pipeline(["the cat sat on the mat. " * 4]).tokenizer
+    torch.manual_seed(0)
+    model = ARTransformer(
+        vocab_size=model_vocab_size(tokenizer) + 1, width=32, heads=2, head_dim=16, rope_dim=8, num_layers=1,
+        causal=False,
+    ).eval()  # fmt: skip
+    return MDMTextPipeline(model, tokenizer, block_length=block_length)
+
+
+def test_mdm_batch_rows_equal_single_prompts_and_stream_equals_call():
+    pipe = _tiny_mdm_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["the cat sat on", "a", ""]
+    kw = dict(max_new_tokens=10, num_inference_steps=2, stop_on_eos=False)
+    batch = pipe(prompts, **kw).token_ids
+    assert [len(r) for r in batch] == [10, 10, 10]
+    for prompt, row in zip(prompts, batch):
+        assert pipe(prompt, **kw).token_ids[0] == row  # left padding is invisible
+    streamed = [[] for _ in prompts]
+    for chunk in pipe.stream(prompts, **kw):
+        for acc, ids in zip(streamed, chunk.token_ids):
+            acc.extend(ids)
+    assert streamed == batch
+
+
+def test_mdm_stops_after_the_block_where_every_row_stopped():
+    pipe = _tiny_mdm_pipeline(block_length=4)
+    pipe.set_progress_bar_config(disable=True)
+    first = pipe("the cat", max_new_tokens=12, num_inference_steps=4, stop_on_eos=False)
+    stop_id = first.token_ids[0][1]  # a token of block 0: stopping on it ends the loop after block 0
+    out = pipe("the cat", max_new_tokens=12, num_inference_steps=4, stop_token_ids=[stop_id])
+    assert out.num_model_calls == 4 and out.token_ids[0][-1] == stop_id and len(out.token_ids[0]) <= 4
+    assert first.num_model_calls == 12

@@ -78,6 +78,7 @@ from prior.models.mmdit import MMDiT
 from prior.pipelines.folders import check_pipeline_class, pipeline_class_name
 from prior.pipelines.pipeline_ar_text import ARTextPipeline
 from prior.pipelines.pipeline_cola_text import ColaTextPipeline
+from prior.pipelines.pipeline_mdm_text import MDMTextPipeline
 from prior.sampling.config import GenerationConfig
 from unimodal.text_vae import TextVAE
 from unimodal.tokenization import IM_END_TOKEN, load_tokenizer, model_vocab_size
@@ -389,9 +390,12 @@ def read_release_record(path: str | os.PathLike) -> dict | None:
     return json.loads(record.read_text()) if record.is_file() else None
 
 
-def load_pipeline(path: str | os.PathLike, **released_kwargs) -> ColaTextPipeline | ARTextPipeline:
+def load_pipeline(
+    path: str | os.PathLike, **released_kwargs
+) -> ColaTextPipeline | ARTextPipeline | MDMTextPipeline:
     """A pipeline from a released-layout folder, a pipeline folder or a Stage-2 / AR run folder:
-    an :class:`ARTextPipeline` when ``model_index.json`` names it, else a ColaTextPipeline.
+    an :class:`ARTextPipeline` or :class:`MDMTextPipeline` when ``model_index.json`` names it, else a
+    ColaTextPipeline.
 
     ``released_kwargs`` go to :func:`load_released_pipeline` (released folders only). The returned
     pipeline has ``release_record`` set (a dict) when it comes from a released checkpoint, directly
@@ -402,7 +406,8 @@ def load_pipeline(path: str | os.PathLike, **released_kwargs) -> ColaTextPipelin
     if released_kwargs:
         raise ValueError(f"{sorted(released_kwargs)} only apply to released-layout folders, not {path}")
     folder = resolve_pipeline_folder(path)
-    cls = ARTextPipeline if pipeline_class_name(folder) == ARTextPipeline.__name__ else ColaTextPipeline
+    classes = {c.__name__: c for c in (ARTextPipeline, MDMTextPipeline)}
+    cls = classes.get(pipeline_class_name(folder), ColaTextPipeline)
     pipe = cls.from_pretrained(folder)
     pipe.release_record = read_release_record(folder)
     return pipe

@@ -18,6 +18,7 @@ INDEX_FILE = "model_index.json"
 KINDS = {
     "ColaTextPipeline": "a Cola DLM pipeline (ColaTextPipeline)",
     "ARTextPipeline": "an autoregressive baseline pipeline (ARTextPipeline, task: ar)",
+    "MDMTextPipeline": "a masked-diffusion baseline pipeline (MDMTextPipeline, task: mdm)",
     "ColaTextToImagePipeline": "a text+image Cola pipeline (ColaTextToImagePipeline, task: multimodal)",
     "ColaImageToTextPipeline": "a text+image Cola pipeline (ColaImageToTextPipeline, task: multimodal)",
 }

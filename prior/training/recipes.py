@@ -24,6 +24,7 @@ from prior.models.ar import ARTransformer
 from prior.models.mmdit import MMDiT
 from prior.pipelines.pipeline_ar_text import ARTextPipeline
 from prior.pipelines.pipeline_cola_text import ColaTextPipeline
+from prior.pipelines.pipeline_mdm_text import MDMTextPipeline
 from prior.sampling.config import GenerationConfig
 from prior.training.joint import ColaModel, cola_loss_fn
 from prior.training.masked_diffusion import masked_diffusion_loss
@@ -316,7 +317,8 @@ def mdm_loss_fn(model: ARTransformer, batch: dict[str, torch.Tensor], step: int)
 def train_mdm(cfg: RunConfig) -> TrainResult:
     """The LLaDA-style masked-diffusion baseline: ``mdm:`` (an :class:`ARTransformer` made
     bidirectional, its vocabulary the tokenizer's ids + one mask id), the Stage-1 run's tokenizer,
-    the same data and trainer. Exports ``mdm/`` (the model) and ``tokenizer/``."""
+    the same data and trainer. Exports an :class:`MDMTextPipeline` folder (``mdm_sampling:`` is its
+    sampler config, ``generation:`` its generation config)."""
     tokenizer = stage1_tokenizer(cfg)
     kwargs = dataclasses.asdict(cfg.mdm)
     _derive(kwargs, "mdm", "vocab_size", model_vocab_size(tokenizer) + 1, "the tokenizer's ids + one mask id")
@@ -325,9 +327,10 @@ def train_mdm(cfg: RunConfig) -> TrainResult:
     torch.manual_seed(cfg.train.seed)
     model = ARTransformer(**kwargs, causal=False)
 
-    def save(m: ARTransformer, out_dir) -> None:
-        m.save_pretrained(Path(out_dir) / "mdm")
-        tokenizer.save_pretrained(Path(out_dir) / "tokenizer")
+    def save(m: ARTransformer, out_dir) -> None:  # an MDMTextPipeline folder
+        pipe = MDMTextPipeline(m, tokenizer, **dataclasses.asdict(cfg.mdm_sampling))
+        pipe.generation_config = cfg.generation
+        pipe.save_pretrained(out_dir)
 
     return _run(
         cfg, model, mdm_loss_fn, tokenizer, save,

@@ -37,6 +37,7 @@ from pathlib import Path
 from prior.models.ar import ARTransformer
 from prior.models.mmdit import MMDiT
 from prior.sampling.config import GenerationConfig
+from prior.sampling.masked_diffusion import MaskedDiffusionSamplingConfig
 from prior.training.flow_matching import FlowMatchingConfig
 from prior.training.joint import JointConfig
 from prior.training.multimodal import MultimodalConfig
@@ -79,6 +80,7 @@ class RunConfig:
     ar: ARTransformerConfig = field(default_factory=ARTransformerConfig)
     # the masked-diffusion baseline (task: mdm): the same transformer, bidirectional, + a mask id
     mdm: ARTransformerConfig = field(default_factory=ARTransformerConfig)
+    mdm_sampling: MaskedDiffusionSamplingConfig = field(default_factory=MaskedDiffusionSamplingConfig)
     # the unified text-image path: the image VAE (task: image_vae) and the multimodal prior
     image_data: ImageTextDataConfig = field(default_factory=ImageTextDataConfig)
     image_vae: ImageVAEConfig = field(default_factory=ImageVAEConfig)
