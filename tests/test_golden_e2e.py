@@ -36,8 +36,11 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.reshape(b.shape).float() - b).abs().max().item()
 
 
+@pytest.mark.parametrize("merge", [True, False], ids=["merged_commit", "released_passes"])
 @pytest.mark.parametrize("name", ["generate_e2e", "generate_e2e_extra"])
-def test_released_generation_matches_golden(models, name):
+def test_released_generation_matches_golden(models, name, merge):
+    """The released preset, token for token, with our merged commits (K passes per block) and with
+    the released pass structure (a prefill, then K steps + 1 commit per block)."""
     vae, dit = models
     meta = json.loads((GOLDEN / f"{name}.json").read_text())
     ref = load_file(GOLDEN / f"{name}.safetensors")
@@ -52,6 +55,7 @@ def test_released_generation_matches_golden(models, name):
         repetition_penalty=s["repetition_penalty"],
         stop_token_ids=[i for i in (s["eos_token_id"], s["im_end_token_id"]) if i is not None],
         pad_token_id=s["pad_token_id"],
+        merge_commit=merge,
     )
     num_blocks, steps_per_block = meta["num_blocks_generated"], s["timestep_num"]
     noise = [ref[f"block{k}_noise"] for k in range(1, num_blocks + 1)]  # (B*bs, d) sample-major
@@ -64,7 +68,8 @@ def test_released_generation_matches_golden(models, name):
     assert out.num_blocks == num_blocks
     assert out.trim == [row["trim"] for row in meta["per_sample_layout"]]
     calls = sum(1 for c in meta["dit_call_sequence"] if not c.endswith("uncond"))  # released cond + commit
-    assert out.num_prior_calls == calls == 1 + num_blocks * (steps_per_block + 1)
+    assert calls == 1 + num_blocks * (steps_per_block + 1)
+    assert out.num_prior_calls == (num_blocks * steps_per_block if merge else calls)
     assert len(steps) == num_blocks * steps_per_block
     for k in range(num_blocks):
         b = k + 1

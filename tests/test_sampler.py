@@ -1,5 +1,6 @@
 """The block-wise KV-cached sampler: equivalence with an uncached loop, batching, strategies, errors."""
 
+import copy
 import os
 
 import pytest
@@ -181,19 +182,55 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(models):
             )
 
 
+@pytest.mark.parametrize("merge", [True, False])
 @torch.no_grad()
-def test_prior_calls_per_block_is_steps_plus_one(models):
+def test_prior_calls_per_block(models, merge):
+    """K passes per block with merged commits; K + 1 and a prefill pass without."""
     vae, prior = models
     calls = []
     handle = prior.register_forward_hook(lambda *args: calls.append(1))
     try:
-        sampler = make_sampler(models, num_inference_steps=5, max_new_tokens=12, stop_on_eos=False)
+        sampler = make_sampler(
+            models, num_inference_steps=5, max_new_tokens=12, stop_on_eos=False, merge_commit=merge
+        )
         out = sampler.sample(prompts_of([6, 9]), generator=torch.Generator().manual_seed(0))
     finally:
         handle.remove()
     assert out.num_blocks == 4  # trim 2 and 1 -> 12 new tokens need 4 blocks of 4
-    assert out.num_prior_calls == len(calls) == 1 + out.num_blocks * (5 + 1)
+    expected = out.num_blocks * 5 if merge else 1 + out.num_blocks * (5 + 1)
+    assert out.num_prior_calls == len(calls) == expected
     assert [len(t) for t in out.token_ids] == [12, 12]
+
+
+@pytest.fixture(scope="module")
+def models64(models):
+    return tuple(copy.deepcopy(m).double() for m in models)
+
+
+@pytest.mark.parametrize("strategy", FIRST_BLOCK_STRATEGIES)
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+@torch.no_grad()
+def test_merged_commit_equals_the_unmerged_loop(models, models64, strategy, guidance):
+    """Same noise -> identical tokens and latents, for a ragged batch (an empty prompt, one inside
+    the first block, one past a block boundary) and every first-block strategy: bit for bit with
+    fp64 weights (the merge is exact), within float rounding in fp32 (GEMMs of other shapes sum in
+    another order: <= 5e-6 without guidance, <= 2e-5 at w = 3, which amplifies differences)."""
+    prompts = prompts_of([0, 3, 6, 9])
+    table = noise_table(4, 5)
+    kw = dict(first_block=strategy, guidance_scale=guidance, max_new_tokens=12, stop_on_eos=False)
+    for weights, atol in ((models64, 0.0), (models, 5e-6 if guidance == 1 else 2e-5)):
+        merged = make_sampler(weights, merge_commit=True, **kw).sample(
+            prompts, noise=lambda k, s: table[:, k]
+        )
+        plain = make_sampler(weights, merge_commit=False, **kw).sample(
+            prompts, noise=lambda k, s: table[:, k]
+        )
+        assert merged.token_ids == plain.token_ids and merged.num_blocks == plain.num_blocks
+        for a, b in zip(merged.block_latents, plain.block_latents):
+            torch.testing.assert_close(a, b, atol=atol, rtol=0.0)
+        assert (
+            merged.num_prior_calls == plain.num_prior_calls - plain.num_blocks - 1
+        )  # commits + prefill gone
 
 
 # ----------------------------------------------------------------------------- strategies and edge cases
@@ -224,6 +261,18 @@ def test_patch_size_two_with_odd_prompts():
     out = sampler.sample(prompts_of([3, 4, 7]), generator=torch.Generator().manual_seed(0))
     assert out.trim == [3, 0, 3]  # block = 2 latents = 4 tokens
     assert [len(t) for t in out.token_ids] == [6, 6, 6]
+    # shift: the pads go before the odd prompt, so it ends on a patch boundary (pads trimmed too)
+    shifted = make_sampler(models2, stop_on_eos=False, max_new_tokens=6, patch_boundary="shift")
+    rows = shifted.layout(prompts_of([3, 4, 7]))
+    pad = shifted.config.pad_token_id
+    assert [r.encode_ids[0] == pad for r in rows] == [True, False, True]
+    assert [(r.prefix, r.pinned, r.trim) for r in rows] == [(2, 0, 0), (2, 0, 0), (4, 0, 0)]
+    out = shifted.sample(prompts_of([3, 4, 7]), generator=torch.Generator().manual_seed(0))
+    assert [len(t) for t in out.token_ids] == [6, 6, 6]
+    assert (
+        out.token_ids[1]
+        == sampler.sample(prompts_of([3, 4, 7]), generator=torch.Generator().manual_seed(0)).token_ids[1]
+    )
 
 
 @torch.no_grad()
@@ -235,7 +284,7 @@ def test_empty_prompt_is_unconditional_generation(models):
     ]
     for out in outs:
         assert len(out.token_ids[0]) == 8
-        assert out.num_prior_calls == out.num_blocks * (3 + 1)  # no prefill
+        assert out.num_prior_calls == out.num_blocks * 3  # no prefill; commits merged into the next block
     # guidance is off in the first block of an empty prefix, on afterwards
     assert torch.equal(outs[0].block_latents[0], outs[1].block_latents[0])
     assert not torch.allclose(outs[0].block_latents[1], outs[1].block_latents[1])

@@ -31,7 +31,8 @@ Design choices
   backend. The default mask is block-causal from the positions (``config.block_size``); a caller
   passes any :class:`AttentionMask` instead (the 2L training mask ``two_l_mask``).
 * **KV cache.** An explicit :class:`KVCache` is passed to ``forward``; it is read-only unless
-  ``update_cache=True`` (prefill, commit of a finished block). Keys are cached after the K norm
+  ``update_cache=True`` (prefill, commit of a finished block; ``commit_tokens=C`` keeps only the
+  first C tokens, the clean block of the sampler's merged step). Keys are cached after the K norm
   and after RoPE. Default positions with a cache continue each sample (``lengths + arange``).
   ``context_free_rows=R`` marks the last R rows of the batch as standing alone: they attend over
   their own tokens only, at positions 0..L-1 by default, so one (2B) forward runs both CFG branches
@@ -429,6 +430,7 @@ class MMDiT(ModelMixin, ConfigMixin):
         context_free_rows: int = 0,
         block_ids: Tensors | None = None,
         rope_positions: Tensors | None = None,
+        commit_tokens: int | None = None,
     ) -> MMDiTOutput:
         """Velocity of the latents ``x`` at per-token ``timestep`` (0..1000).
 
@@ -445,6 +447,10 @@ class MMDiT(ModelMixin, ConfigMixin):
         rope_positions: (B, L, rope_axes) (or a dict) the coordinates RoPE rotates by when
         ``rope_axes > 1`` (axial RoPE, e.g. (row, column) of image tokens); default: every axis = the
         position. Unused with one axis.
+        commit_tokens: with ``update_cache``, commit only the first C tokens of the rows that read
+        the cache (default: all). The sampler's merged step: a finished clean block (t = 0) rides
+        in front of the next noisy block; the mask keeps the clean tokens blind to the noisy ones
+        (higher block ids), so their keys equal a separate commit pass's, and only they are kept.
         """
         xs = self._segments(x)
         first = next(iter(xs.values()))
@@ -461,8 +467,12 @@ class MMDiT(ModelMixin, ConfigMixin):
             raise ValueError("update_cache=True needs a kv_cache")
         if not 0 <= context_free_rows <= batch:
             raise ValueError(f"context_free_rows must be in [0, B={batch}], got {context_free_rows}")
-        if context_free_rows and (update_cache or attn_mask is not None):
-            raise ValueError("context_free_rows needs a read-only forward with the default mask")
+        if context_free_rows and attn_mask is not None:
+            raise ValueError("context_free_rows needs the default mask")
+        if commit_tokens is not None and not (update_cache and 0 <= commit_tokens <= length):
+            raise ValueError(
+                f"commit_tokens={commit_tokens} needs update_cache=True and 0 <= C <= L={length}"
+            )
         n = batch - context_free_rows  # rows that read the cache
         if kv_cache is not None and kv_cache.batch_size not in (None, n):
             raise ValueError(
@@ -507,8 +517,9 @@ class MMDiT(ModelMixin, ConfigMixin):
                 h = self._gradient_checkpointing_func(block, h, cs, ctx)
             else:
                 h = block(h, cs, ctx)
-        if update_cache:
-            kv_cache.advance(positions, valid, block_ids)
+        if update_cache:  # the rows that read the cache (all but CFG's unconditional ones)
+            c = length if commit_tokens is None else commit_tokens
+            kv_cache.advance(positions[:n, :c], valid[:n, :c], block_ids[:n, :c])
         out = {m: self.final[m](h[m], cs[m]) for m in h}  # {m: (B, L_m, C_m)}
         if self.config.prediction == "categorical" and "text" in xs:
             return self._categorical(xs, t, out, isinstance(x, dict))

@@ -26,7 +26,17 @@ Design choices
   prior as ``context_free_rows=B``: the block alone at positions ``0..bs-1`` (released).
   ``v = w (v_c - v_u) + v_u`` with ``w`` per sample; ``w = 1`` for samples whose prefix is empty
   in the first block (released). When every ``w`` of a block is 1 the unconditional half is
-  skipped. A block costs ``K`` prior calls + 1 commit (the released loop makes ``2K + 1``).
+  skipped.
+* **K sequential prior passes per block** (``merge_commit``, default): a finished block is not
+  committed by a pass of its own; its clean latents (t = 0) ride in front of the next block's
+  noisy latents in that block's first denoising step, which writes only them to the cache
+  (``commit_tokens``). Under the block-causal mask the clean tokens never see the noisy ones
+  (higher block ids) and the noisy ones see the clean block as history, exactly the 2L training
+  layout, so the result equals the unmerged loop (``merge_commit=False``: K steps + 1 commit per
+  block, the prompt prefilled by its own pass) up to float rounding; the prompt's whole blocks
+  ride in block 0's first step the same way, and the last block is never committed (nothing
+  reads it). In CFG steps the unconditional rows carry an invalid copy of the clean part, so
+  both branches keep one batched forward. The released loop makes ``2K + 1`` passes per block.
   ``guidance_interval=[lo, hi]`` applies guidance only at steps whose noise level is in it (the
   other steps run the conditional branch alone); ``noise_scale`` scales the initial noise.
 * **First block** when the prompt does not end on a block boundary (``first_block``):
@@ -43,9 +53,12 @@ Design choices
     (pads are real tokens, encoded and seen); the prefix is all of it, nothing is pinned;
     generation starts right after the (right) pads.
 
-  With patch size ``p > 1`` and a prompt that is not a multiple of ``p``, the partial patch is
-  completed with the pad id, encoded and pinned like the other known latents; its prompt tokens
-  are trimmed from the output.
+  With patch size ``p > 1`` and a prompt that is not a multiple of ``p`` (``patch_boundary``):
+  ``pin`` (default) completes the partial patch with the pad id, encodes it and pins it like the
+  other known latents (its prompt tokens are trimmed from the output; the pad slot is generated
+  over); ``shift`` puts the missing ``(-n) % p`` pad ids *before* the prompt instead, so the
+  prompt ends on a patch boundary and generation starts right after its last token (the pads are
+  part of the prompt: encoded, seen, trimmed). ``scripts/study_patch_parity.py`` compares them.
 * **Per-sample timesteps**: when no position of a block is pinned, every token of a sample shares
   its timestep, so the prior gets a (B,) timestep and computes each adaLN modulation once per
   sample instead of once per token (the commit and prefill pass a scalar 0).
@@ -89,6 +102,17 @@ class Context:
     positions: torch.Tensor  # (B,) int64 position where the text segment starts in each row
     blocks: torch.Tensor  # (B,) int64 block id of the text segment's first block
     prior_calls: int = 0  # prior forwards spent on the context
+
+
+@dataclass
+class _Pending:
+    """Clean latents not yet in the prior cache: the prompt's whole blocks, or the block just
+    generated. With ``merge_commit`` the next prior forward carries them (t = 0) and commits them."""
+
+    x: torch.Tensor  # (B, Lp, d)
+    positions: torch.Tensor  # (B, Lp) prior positions
+    valid: torch.Tensor  # (B, Lp) bool
+    block_ids: torch.Tensor | None  # (B, Lp), or None: position // block_size
 
 
 @dataclass
@@ -227,6 +251,8 @@ class BlockSampler:
         rows = []
         for i, ids in enumerate(prompt_ids):
             ids = self._check_ids(i, ids)
+            if p > 1 and cfg.patch_boundary == "shift" and len(ids) % p:
+                ids = [self._pad_id(i, len(ids), p)] * ((-len(ids)) % p) + ids
             n = len(ids)
             if cfg.first_block in ("left_pad", "right_pad"):
                 pads = [self._pad_id(i, n, chunk)] * ((-n) % chunk)
@@ -299,15 +325,15 @@ class BlockSampler:
         blk0 = None if context is None else context.blocks.to(device)[:, None]
         decoder_cache = text.new_decoder_cache()
         calls = 0 if context is None else context.prior_calls
+        pending = None  # clean latents the next prior forward commits (merge_commit)
         if prefix.shape[1] > 0:
             positions = torch.arange(prefix.shape[1], device=device).expand(batch, -1)  # (B, P)
-            zeros = torch.zeros(batch, device=device)  # t = 0 for every prefix token
             blocks = None if context is None else blk0 + positions // bs
             shifted = positions if context is None else pos0 + positions
-            self._prior(
-                prefix, zeros, shifted, prior_cache, update=True, valid=prefix_valid, block_ids=blocks
-            )
-            calls += 1
+            pending = _Pending(prefix, shifted, prefix_valid, blocks)
+            if not cfg.merge_commit:
+                calls += self._commit(pending, prior_cache)
+                pending = None
             text.decode_logits(prefix, positions, decoder_cache, prefix_valid, update_cache=True)
 
         guidance = torch.full((batch,), float(cfg.guidance_scale), device=device)
@@ -322,13 +348,16 @@ class BlockSampler:
             shifted, blocks = positions, None  # prior positions and block ids of the block
             if context is not None:
                 shifted, blocks = pos0 + positions, (blk0 + positions // bs).expand(batch, bs)
-            x, steps = self._transport(eps, shifted, w, pin, prior_cache, k, step_callback, block_ids=blocks)
-            calls += steps
-            # 3. commit the block to the prior cache, decode it with the VAE decoder's cache
-            self._prior(
-                x, torch.zeros(batch, device=device), shifted, prior_cache, update=True, block_ids=blocks
+            x, steps = self._transport(
+                eps, shifted, w, pin, prior_cache, k, step_callback, block_ids=blocks, pending=pending
             )
-            calls += 1
+            calls += steps
+            # 3. commit the block to the prior cache (merged: in the next block's first step),
+            # decode it with the VAE decoder's cache
+            pending = _Pending(x, shifted, torch.ones(batch, bs, dtype=torch.bool, device=device), blocks)
+            if not cfg.merge_commit:
+                calls += self._commit(pending, prior_cache)
+                pending = None
             logits = text.decode_logits(x, positions, decoder_cache, update_cache=True)
             # 4. sample tokens, apply the stop rule
             ids = self._sample(logits, seen, generator)  # (B, bs*p)
@@ -358,13 +387,20 @@ class BlockSampler:
             scheduler.set_timesteps(sigmas=(grid / 1000).numpy(), device=device)
         scheduler.set_begin_index(0)
 
+    def _commit(self, seg: _Pending, cache: KVCache) -> int:
+        """Write clean latents to the prior cache with a pass of their own (-> 1 prior call)."""
+        zeros = torch.zeros(seg.x.shape[0], device=seg.x.device)  # t = 0
+        self._prior(seg.x, zeros, seg.positions, cache, update=True, valid=seg.valid, block_ids=seg.block_ids)
+        return 1
+
     def _transport(
         self, eps, positions, w, pin, cache: KVCache, block: int, callback, block_ids=None, modality: str = "text",
-        rope=None,
+        rope=None, pending: _Pending | None = None,
     ):  # fmt: skip
         """K Euler steps on one block of ``modality``. eps (B, bs, d), positions (B, bs), w (B,),
         block_ids (B, bs) or None (``position // block_size``); ``rope``: (cond, alone) RoPE
-        coordinates (B, bs, A) of an axial prior, or None. -> (x, prior calls)."""
+        coordinates (B, bs, A) of an axial prior, or None; ``pending``: clean latents the first
+        step commits (merge_commit). -> (x, prior calls)."""
         cfg, sched = self.config, self.scheduler
         batch, bs, _ = eps.shape
         lo, hi = cfg.guidance_interval or (0.0, 1.0)
@@ -389,7 +425,14 @@ class BlockSampler:
                 sigma = sched.sigmas[s].to(eps.device)
                 x = torch.where(mask[..., None], (1 - sigma) * known + sigma * eps, x)
             t_in = tt if has_pin else tt[:, 0]  # (B, bs), or (B,): one adaLN modulation per sample
-            if guided:
+            if s == 0 and pending is not None:
+                if rope is not None:
+                    raise ValueError("merge_commit does not support axial RoPE coordinates")
+                v_c, v_u = self._merged_step(
+                    x, tt, positions, alone, cache, guided, block_ids, pending, modality
+                )
+                v = v_c if v_u is None else w[:, None, None] * (v_c - v_u) + v_u
+            elif guided:
                 v_all = self._prior(
                     torch.cat((x, x)), torch.cat((t_in, t_in)), torch.cat((positions, alone)), cache,
                     context_free_rows=batch, block_ids=both_blocks, modality=modality,
@@ -413,13 +456,44 @@ class BlockSampler:
             x = x_new
         return x, len(sched.timesteps)
 
+    def _merged_step(
+        self, x, tt, positions, alone, cache, guided: bool, block_ids, pending: _Pending, modality
+    ):
+        """The first step of a block with the pending clean latents in front (module docstring).
+
+        Conditional rows: [clean (t = 0) ; block (tt)] at their positions, committing the clean part;
+        unconditional rows (when ``guided``): [invalid copy ; block alone at 0..bs-1]. -> (v_c, v_u)."""
+        batch, bs = tt.shape
+        lp, device = pending.x.shape[1], x.device
+        ones = torch.ones(batch, bs, dtype=torch.bool, device=device)
+        x_in = torch.cat((pending.x, x), dim=1)  # (B, Lp + bs, d)
+        t_in = torch.cat((torch.zeros(batch, lp, device=device), tt), dim=1)
+        pos = torch.cat((pending.positions, positions), dim=1)
+        valid = torch.cat((pending.valid, ones), dim=1)
+        blk = None if block_ids is None else torch.cat((pending.block_ids, block_ids), dim=1)
+        rows = 0
+        if guided:
+            x_in, t_in = torch.cat((x_in, x_in)), torch.cat((t_in, t_in))
+            pos = torch.cat((pos, torch.cat((torch.zeros_like(pending.positions), alone), dim=1)))
+            valid = torch.cat((valid, torch.cat((torch.zeros_like(pending.valid), ones), dim=1)))
+            if blk is not None:
+                blk = torch.cat((blk, torch.zeros_like(blk)))
+            rows = batch
+        v = self._prior(
+            x_in, t_in, pos, cache, update=True, valid=valid, context_free_rows=rows, block_ids=blk,
+            modality=modality, commit_tokens=lp,
+        )[:, lp:]  # fmt: skip
+        return (v[:batch], v[batch:]) if guided else (v, None)
+
     def _prior(
         self, x, t, positions, cache: KVCache, update: bool = False, valid=None, context_free_rows: int = 0,
-        block_ids=None, modality: str = "text", rope_positions=None,
+        block_ids=None, modality: str = "text", rope_positions=None, commit_tokens: int | None = None,
     ) -> torch.Tensor:  # fmt: skip
         # one prior forward of one segment: x (B, L, d) fp32 -> velocity (B, L, d) fp32
         x = x.to(self.prior.dtype)
         extra = {} if rope_positions is None else {"rope_positions": rope_positions}
+        if commit_tokens is not None:
+            extra["commit_tokens"] = commit_tokens
         out = self.prior(
             {modality: x} if self.multimodal else x, t, positions=positions, valid=valid, kv_cache=cache,
             update_cache=update, context_free_rows=context_free_rows, block_ids=block_ids, **extra,

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FIRST_BLOCK_STRATEGIES = ("clean_repaint", "partial_repaint", "left_pad", "right_pad")
+PATCH_BOUNDARIES = ("pin", "shift")  # a prompt that ends inside a patch (VAE patch size > 1)
 STOP_RULES = ("first_stop", "released")
 CONFIG_NAME = "generation_config.json"
 
@@ -59,6 +60,8 @@ class GenerationConfig:
     first_block: str = "clean_repaint"  # one of FIRST_BLOCK_STRATEGIES
     repaint_fraction: float = 0.5  # partial_repaint: fraction of the steps that re-noise known latents
     pad_prompt_to_block: bool = False  # repaint: encode the prompt right-padded to a block (released)
+    merge_commit: bool = True  # commit each clean block inside the next block's first step (K passes/block)
+    patch_boundary: str = "pin"  # one of PATCH_BOUNDARIES: pin the padded partial patch | shift the prompt
     temperature: float = 0.0  # 0 = greedy
     top_k: int | None = None  # None/0 = off
     top_p: float | None = None  # None/1 = off
@@ -91,6 +94,7 @@ class GenerationConfig:
             self.guidance_interval = lo_hi
         check(self.first_block in FIRST_BLOCK_STRATEGIES, "first_block", f"one of {FIRST_BLOCK_STRATEGIES}")
         check(0.0 <= self.repaint_fraction <= 1.0, "repaint_fraction", "in [0, 1]")
+        check(self.patch_boundary in PATCH_BOUNDARIES, "patch_boundary", f"one of {PATCH_BOUNDARIES}")
         check(self.temperature >= 0, "temperature", ">= 0")
         check(self.top_k is None or self.top_k >= 0, "top_k", ">= 0 (or None)")
         check(self.top_p is None or 0.0 < self.top_p <= 1.0, "top_p", "in (0, 1] (or None)")
@@ -150,6 +154,7 @@ class GenerationConfig:
 __all__ = [
     "CONFIG_NAME",
     "FIRST_BLOCK_STRATEGIES",
+    "PATCH_BOUNDARIES",
     "RELEASED_LOOP",
     "RELEASED_SETTINGS",
     "STOP_RULES",
