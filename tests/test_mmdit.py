@@ -365,3 +365,22 @@ def test_input_errors():
     mask = block_causal_mask(torch.arange(4)[None], torch.arange(4)[None], 4)
     with pytest.raises(ValueError, match="mask covers"):
         model(torch.randn(1, 8, 4), 0.0, attn_mask=mask)
+
+
+@torch.no_grad()
+def test_adaln_cache_reuses_outputs_and_changes_nothing():
+    from prior.models.timestep import AdaLNCache
+
+    model = tiny(adaln_zero_init=False).eval()
+    x = torch.randn(2, 8, model.config.in_channels[0])
+    cache = AdaLNCache()
+    calls = []
+    handle = model.time_embed.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for t in (torch.tensor([300.0, 700.0]), torch.tensor([300.0, 700.0]), torch.tensor([0.0, 700.0])):
+            ref = model(x, t).velocity
+            torch.testing.assert_close(model(x, t, adaln_cache=cache).velocity, ref, atol=0, rtol=0)
+    finally:
+        handle.remove()
+    # without the cache: 3 embeddings; with it: one per distinct timestep set (2 of 3 calls)
+    assert len(calls) == 3 + 2 and len(cache) == 2

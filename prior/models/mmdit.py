@@ -43,6 +43,9 @@ Design choices
   ``x0 = softmax(logits) @ token_latents`` (the latent of every token id, a buffer the recipe fills
   from a token-local Text VAE) and returns the velocity that estimate implies,
   ``(z_t - x0) / t``: the sampler and CFG see a velocity either way, the trainer a cross-entropy.
+* **Per-run constants.** An :class:`AdaLNCache` passed by the sampler keeps the timestep
+  embedding and adaLN outputs of the K grid values (and of t = 0) after their first use, so later
+  blocks skip the timestep MLP and every adaLN linear.
 * **Init.** :meth:`MMDiT.initialize_weights` applies the released init (xavier-uniform linears,
   each released adaLN head initialised as its own matrix, zero biases); with
   ``adaln_zero_init=True`` (default, for training from scratch) the adaLN linears and the final
@@ -51,7 +54,6 @@ Design choices
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +62,12 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from prior.models.timestep import AdaLNCache, Conditioning, TimestepEmbedding, timestep_freqs
 from unimodal.attention import BACKENDS, Rotary, apply_rope, attention, rope_inv_freq, rotary
 from unimodal.kv_cache import KVCache
 from unimodal.masks import AttentionMask, block_id_mask
 
 PREDICTIONS = ("velocity", "categorical")
-TIME_FREQ_DIM = 256  # sinusoid width of the timestep embedding (released: fixed)
 
 Tensors = torch.Tensor | dict[str, torch.Tensor]
 
@@ -91,57 +93,6 @@ class Modulation:
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
-
-
-@dataclass
-class Conditioning:
-    """SiLU(timestep embedding) of the distinct timesteps, and which one each token uses.
-
-    Timesteps repeat heavily (one per block in training, one per sample when sampling, 0 on every
-    clean token), so the embedding MLP and every adaLN linear run on the U distinct values and
-    their outputs are gathered per token: ``rows(linear) = linear(table)[index]``.
-    """
-
-    table: torch.Tensor  # (U, D)
-    index: torch.Tensor  # (B, T) int64 into table; T = tokens of the segment, or 1 (per sample)
-
-    def rows(self, linear: nn.Module) -> torch.Tensor:
-        # a gather as F.embedding: its backward (a sorted index-add) is ~3x faster on CPU than the
-        # scatter behind tensor[index]
-        return F.embedding(self.index, linear(self.table))  # (B, T, out)
-
-
-def timestep_freqs(dim: int = TIME_FREQ_DIM, max_period: float = 1e4) -> torch.Tensor:
-    """f_k = exp(-ln(max_period) k / (dim/2)), k < dim/2: the exponent in fp32 as released, the exp in fp64
-    rounded once, so the table is the same on every platform. fp32 ``exp`` is not: it can differ by an ulp
-    between CPUs (golden set A's machine differs from ours at k = 12, 13), and at t ~ 1000 one ulp of f_k
-    moves the angle by ~5e-5 and the released DiT's velocity by ~1e-5."""
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32) / half
-    return torch.exp(exponent.double()).float()
-
-
-def timestep_sinusoid(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """[sin | cos](t * f_k) in fp32 (sin first). t: (...,) on the 0..1000 scale -> (..., 2 * len(freqs))."""
-    args = t.float()[..., None] * freqs.to(t.device)  # (..., half)
-    return torch.cat((args.sin(), args.cos()), dim=-1)
-
-
-# ----------------------------------------------------------------------------- layers
-
-
-class TimestepEmbedding(nn.Module):
-    """Sinusoid (256) -> Linear -> SiLU -> Linear -> SiLU -> Linear (released ``emb_in``)."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.proj_in = nn.Linear(TIME_FREQ_DIM, width)
-        self.proj_hid = nn.Linear(width, width)
-        self.proj_out = nn.Linear(width, width)
-
-    def forward(self, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:  # (...,) -> (..., D)
-        emb = timestep_sinusoid(t, freqs).to(self.proj_in.weight.dtype)
-        return self.proj_out(F.silu(self.proj_hid(F.silu(self.proj_in(emb)))))
 
 
 class MLP(nn.Module):
@@ -431,6 +382,7 @@ class MMDiT(ModelMixin, ConfigMixin):
         block_ids: Tensors | None = None,
         rope_positions: Tensors | None = None,
         commit_tokens: int | None = None,
+        adaln_cache: AdaLNCache | None = None,
     ) -> MMDiTOutput:
         """Velocity of the latents ``x`` at per-token ``timestep`` (0..1000).
 
@@ -451,6 +403,8 @@ class MMDiT(ModelMixin, ConfigMixin):
         the cache (default: all). The sampler's merged step: a finished clean block (t = 0) rides
         in front of the next noisy block; the mask keeps the clean tokens blind to the noisy ones
         (higher block ids), so their keys equal a separate commit pass's, and only they are kept.
+        adaln_cache: reuse the timestep embedding and adaLN outputs of timestep sets seen before
+        (:class:`AdaLNCache`; sampling only, the weights must not change while it lives).
         """
         xs = self._segments(x)
         first = next(iter(xs.values()))
@@ -501,12 +455,17 @@ class MMDiT(ModelMixin, ConfigMixin):
 
         inv_freq, time_freqs = self._frequencies(device)
         distinct, index = torch.unique(t, return_inverse=True)  # (U,), (B, L or 1)
-        table = F.silu(self.time_embed(distinct, time_freqs))  # (U, D), shared by all adaLN heads
+        memo = None if adaln_cache is None else adaln_cache.entry(distinct)
+        table = None if memo is None else memo.get("table")
+        if table is None:
+            table = F.silu(self.time_embed(distinct, time_freqs))  # (U, D), shared by all adaLN heads
+            if memo is not None:
+                memo["table"] = table
         if index.shape[1] == 1:
-            cs = dict.fromkeys(xs, Conditioning(table, index))
+            cs = dict.fromkeys(xs, Conditioning(table, index, memo))
         else:
             parts = index.split([v.shape[1] for v in xs.values()], dim=1)
-            cs = {m: Conditioning(table, i) for m, i in zip(xs, parts)}
+            cs = {m: Conditioning(table, i, memo) for m, i in zip(xs, parts)}
         h = {m: self.embed_in[m](v) for m, v in xs.items()}  # {m: (B, L_m, D)}
         rope = self._rotary(positions, rope_positions, xs, inv_freq) if inv_freq.numel() else None
         ctx = _AttnContext(

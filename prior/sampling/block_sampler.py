@@ -59,6 +59,9 @@ Design choices
   over); ``shift`` puts the missing ``(-n) % p`` pad ids *before* the prompt instead, so the
   prompt ends on a patch boundary and generation starts right after its last token (the pads are
   part of the prompt: encoded, seen, trimmed). ``scripts/study_patch_parity.py`` compares them.
+* **Per-run constants**: the timestep embedding and every adaLN output of the K grid values
+  (and of t = 0) are computed in the first block and reused (``AdaLNCache``); the prior's dtype
+  is read once per run.
 * **Per-sample timesteps**: when no position of a block is pinned, every token of a sample shares
   its timestep, so the prior gets a (B,) timestep and computes each adaLN modulation once per
   sample instead of once per token (the commit and prefill pass a scalar 0).
@@ -83,6 +86,7 @@ from dataclasses import dataclass
 import torch
 
 from modalities.text import TextModality
+from prior.models.timestep import AdaLNCache
 from prior.sampling.config import GenerationConfig
 from prior.sampling.stopping import RowState, make_stop_rule
 from prior.sampling.tokens import apply_repetition_penalty, finite_logits, row_randn, sample_tokens
@@ -184,6 +188,8 @@ class BlockSampler:
                 f"no text stream of the VAE latent_dim {self.latent_dim}"
             )
         self.multimodal = len(channels) > 1  # the prior takes {modality: latents}
+        self._dtype = prior.dtype  # read once: diffusers' ModelMixin.dtype walks the parameters
+        self._adaln_cache = AdaLNCache()  # per run (_new_run): the weights must not change inside one
         if self.block_size % text.vae.config.block_size:
             raise ValueError(
                 f"prior block_size {self.block_size} must be a multiple of the VAE block_size "
@@ -313,6 +319,7 @@ class BlockSampler:
         before the caption) and where the text segment starts in it (positions and blocks, per row)."""
         cfg, bs, text = self.config, self.block_size, self.text
         batch, device = len(rows), self._device()
+        self._new_run()
         rule = make_stop_rule(
             cfg.stop_rule, cfg.stop_token_ids or [], cfg.stop_on_eos, cfg.max_new_tokens, cfg.whole_blocks
         )
@@ -386,6 +393,11 @@ class BlockSampler:
         else:
             scheduler.set_timesteps(sigmas=(grid / 1000).numpy(), device=device)
         scheduler.set_begin_index(0)
+
+    def _new_run(self) -> None:
+        """Per-run constants start afresh (the weights may have changed since the last run)."""
+        self._dtype = self.prior.dtype
+        self._adaln_cache = AdaLNCache()
 
     def _commit(self, seg: _Pending, cache: KVCache) -> int:
         """Write clean latents to the prior cache with a pass of their own (-> 1 prior call)."""
@@ -490,8 +502,10 @@ class BlockSampler:
         block_ids=None, modality: str = "text", rope_positions=None, commit_tokens: int | None = None,
     ) -> torch.Tensor:  # fmt: skip
         # one prior forward of one segment: x (B, L, d) fp32 -> velocity (B, L, d) fp32
-        x = x.to(self.prior.dtype)
-        extra = {} if rope_positions is None else {"rope_positions": rope_positions}
+        x = x.to(self._dtype)
+        extra = {"adaln_cache": self._adaln_cache}
+        if rope_positions is not None:
+            extra["rope_positions"] = rope_positions
         if commit_tokens is not None:
             extra["commit_tokens"] = commit_tokens
         out = self.prior(

@@ -138,6 +138,7 @@ class MultimodalSampler(BlockSampler):
         lengths = torch.tensor([len(r) // p for r in rows], device=device)  # (B,) prompt latents
 
         # 1. encode the prompt and prefill the prior cache (every token, t = 0)
+        self._new_run()
         cache, calls = KVCache(self.prior.config.num_layers), 0
         if int(lengths.max()) > 0:
             seq = self.text.encode_ids([r or [0] * p for r in rows])  # empty rows: one masked dummy latent
