@@ -122,10 +122,27 @@ def _generation_config(pipe, args: argparse.Namespace):
     return base.replace(**generation_overrides(args))
 
 
+DTYPES = ("float32", "bfloat16")
+
+
+def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="float32",
+        help="weights of every model (bfloat16: AMX on CPUs that have it; ~98%% token agreement with fp32 "
+        "on the tiny velocity prior, README 'Sampler speed')",
+    )  # fmt: skip
+
+
+def _to_dtype(pipe, args: argparse.Namespace):
+    import torch
+
+    return pipe if args.dtype == "float32" else pipe.to(getattr(torch, args.dtype))
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
-    pipe = load_pipeline(args.checkpoint)
+    pipe = _to_dtype(load_pipeline(args.checkpoint), args)
     config = _generation_config(pipe, args)
     generator = torch.Generator().manual_seed(args.seed)
     if args.stream:
@@ -175,7 +192,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from prior.checkpoints.released import load_cola_pipeline
     from prior.serving.server import ServeConfig, create_app
 
-    pipe = load_cola_pipeline(args.checkpoint, purpose="unimodal serve")
+    pipe = _to_dtype(load_cola_pipeline(args.checkpoint, purpose="unimodal serve"), args)
     pipe.set_progress_bar_config(disable=True)
     pipe.generation_config = _generation_config(pipe, args)
     cfg = ServeConfig(
@@ -420,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-window-ms", type=float, default=20.0)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--released", action="store_true", help="start from the released preset")
+    add_dtype_flag(p)
     add_generation_flags(p)
     p.set_defaults(func=cmd_serve)
 
@@ -431,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--released", action="store_true", help="start from the released preset (GenerationConfig.released())"
     )
     p.add_argument("--seed", type=int, default=0)
+    add_dtype_flag(p)
     add_generation_flags(p)
     p.set_defaults(func=cmd_sample)
 

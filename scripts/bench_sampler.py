@@ -6,22 +6,26 @@ One run, batch 1, random-weight models built from run configs (``--prior-config`
 :func:`prior.training.run_config.load_run_config`; a size flag (``--width``, ``--vae-dim``, ...)
 becomes an override of that config. Prints:
 
-1. tokens/s of :class:`~prior.sampling.block_sampler.BlockSampler` (ours: KV caches, CFG batched) against
+1. tokens/s of :class:`~prior.sampling.block_sampler.BlockSampler` (ours: KV caches, CFG batched,
+   the commit of each block merged into the next block's first step: ``K`` prior passes per block)
+   against the same sampler unmerged (``merge_commit=False``: ``K + 1`` and a prefill pass), against
    ``RecomputeLoop`` (no cache: every denoising step re-runs the prior over the whole
-   ``[context | block]`` sequence, and every block re-runs the VAE decoder over everything);
-2. the first and the last block time of our sampler at the longest run (context grows to ~1,024);
-3. prior and VAE-decoder passes per block and per token of every loop;
+   ``[context | block]`` sequence, and every block re-runs the VAE decoder over everything), and
+   ours with the weights in bf16 (AMX on CPUs that have it), with its token agreement to fp32;
+2. the first and the last block time of our sampler at the longest run;
+3. prior and VAE-decoder passes per block and per token of every loop (prefill included);
 4. tokens/s of ours against ``ReleasedLoop``, the released inference loop (docs/released-format.md
    §6) re-built on the same models: per block ``2K + 1`` prior calls (the conditional branch with
    the cache, the unconditional branch alone as a second call, the commit) and a dense additive
    mask built by a Python loop over the samples on every call (the released
    ``create_na_block_causal_mask``, docs/released-format.md §5);
 5. tokens/s against a transformers ``LlamaForCausalLM`` of the prior's width/depth (random
-   weights, KV cache, greedy, batch 1), and the theoretical pass ratio ``bs / (K + 2)``.
+   weights, KV cache, greedy, batch 1), in fp32 and in bf16, and the theoretical pass ratio
+   ``bs / (K + 1)``.
 
 Design choices
 --------------
-* **Same models, same noise, same tokens.** All three Cola loops share the VAE, the prior, the
+* **Same models, same noise, same tokens.** All fp32 Cola loops share the VAE, the prior, the
   prompt, the per-block noise, the time grid (released fp32 ``linspace(1000, 0, K + 1)``), greedy
   decoding and the repetition penalty; in fp32 they must give the same tokens, which the report
   checks (and the smoke test asserts), so every speedup is between equivalent computations.
@@ -45,18 +49,18 @@ Design choices
 
     python scripts/bench_sampler.py                      # tiny config, fp32, 256 and 1,024 tokens
     python scripts/bench_sampler.py --threads 1 --json bench.json   # steadier on a shared machine
-    python scripts/bench_sampler.py --bf16 --tokens 256  # bf16 autocast (tokens may then differ)
+    python scripts/bench_sampler.py --tokens 256 --no-bf16   # fp32 rows only
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -91,8 +95,11 @@ VAE_FLAGS = {
     "max_seq_len": ("vae.max_seq_len",),
 }  # fmt: skip
 
-LOOPS = ("cached", "recompute", "released")
-LOOP_TITLES = {"cached": "cached (ours)", "recompute": "recompute all", "released": "released loop"}
+LOOPS = ("cached", "unmerged", "cached_bf16", "recompute", "released")
+LOOP_TITLES = {
+    "cached": "ours (merged)", "unmerged": "ours unmerged", "cached_bf16": "ours bf16",
+    "recompute": "recompute all", "released": "released loop",
+}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- results
@@ -132,6 +139,7 @@ class ARResult:
     seconds: float
     forward_calls: int
     num_parameters: int
+    dtype: str = "float32"
 
     @property
     def tokens_per_s(self) -> float:
@@ -147,6 +155,7 @@ class BenchReport:
     runs: list[RunResult]
     ar: ARResult | None
     summary: dict  # derived figures (speedups, ratios, equality checks), keyed by name
+    ar_bf16: ARResult | None = None
 
     def run(self, loop: str, new_tokens: int) -> RunResult:
         return next(r for r in self.runs if r.loop == loop and r.new_tokens == new_tokens)
@@ -156,6 +165,7 @@ class BenchReport:
             "settings": self.settings,
             "runs": [r.to_dict() for r in self.runs],
             "ar": None if self.ar is None else self.ar.to_dict(),
+            "ar_bf16": None if self.ar_bf16 is None else self.ar_bf16.to_dict(),
             "summary": self.summary,
         }
 
@@ -196,13 +206,16 @@ class PassCounter:
 
 
 class CachedLoop:
-    """Ours: :class:`BlockSampler` (KV caches, CFG in one batched call, ``K + 1`` prior calls per block)."""
+    """Ours: :class:`BlockSampler` (KV caches, CFG in one batched call; ``K`` prior calls per block
+    with merged commits, ``K + 1`` and a prefill pass with ``merge_commit=False``)."""
 
-    def __init__(self, vae: TextVAE, prior: MMDiT, steps: int, guidance: float, repetition_penalty: float):
+    def __init__(
+        self, vae: TextVAE, prior: MMDiT, steps: int, guidance: float, repetition_penalty: float, merge: bool = True
+    ):  # fmt: skip
         self.vae, self.prior = vae, prior
         self.settings = dict(
             num_inference_steps=steps, guidance_scale=guidance, repetition_penalty=repetition_penalty,
-            stop_on_eos=False, whole_blocks=True,
+            stop_on_eos=False, whole_blocks=True, merge_commit=merge,
         )  # fmt: skip
 
     def generate(self, prompt: list[int], noise: torch.Tensor, bar: tqdm) -> tuple[list[int], torch.Tensor]:
@@ -296,10 +309,14 @@ def build_models(args: argparse.Namespace, prior_run: RunConfig, vae_run: RunCon
 
 
 def run_autoregressive(
-    args: argparse.Namespace, prompt: list[int], new_tokens: int, repeats: int = 1
+    args: argparse.Namespace,
+    prompt: list[int],
+    new_tokens: int,
+    repeats: int = 1,
+    dtype: torch.dtype = torch.float32,
 ) -> ARResult:
     """Greedy KV-cached generation with a ``LlamaForCausalLM`` of the prior's width and depth (fastest of
-    ``repeats``)."""
+    ``repeats``), its weights in ``dtype``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -308,7 +325,7 @@ def run_autoregressive(
         head_dim=args.head_dim, max_position_embeddings=args.max_seq_len, pad_token_id=0,
     )  # fmt: skip
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config).eval()  # SDPA attention (transformers' default)
+    model = LlamaForCausalLM(config).eval().to(dtype)  # SDPA attention (transformers' default)
     input_ids = torch.tensor([prompt])
     kwargs = dict(attention_mask=torch.ones_like(input_ids), use_cache=True, do_sample=False, pad_token_id=0)
 
@@ -329,38 +346,53 @@ def run_autoregressive(
     generated = out.shape[1] - input_ids.shape[1]
     if generated != new_tokens:
         raise RuntimeError(f"the AR model generated {generated} tokens instead of {new_tokens}")
-    return ARResult(generated, best, len(calls), sum(p.numel() for p in model.parameters()))
+    return ARResult(
+        generated, best, len(calls), sum(p.numel() for p in model.parameters()), str(dtype).split(".")[-1]
+    )
 
 
 # ----------------------------------------------------------------------------- report
 
 
-def summarize(args: argparse.Namespace, runs: list[RunResult], ar: ARResult | None) -> dict:
+def summarize(
+    args: argparse.Namespace, runs: list[RunResult], ar: ARResult | None, ar_bf16: ARResult | None
+) -> dict:
     """Speedups, block-time ratio, passes per token and equality checks."""
     by = {(r.loop, r.new_tokens): r for r in runs}
     k, bs = args.steps, args.block_size
-    out: dict = {"theoretical_cola_passes_per_token": (k + 2) / bs, "theoretical_ar_passes_per_token": 1.0}
-    out["theoretical_pass_ratio_ar_over_cola"] = bs / (k + 2)
+    out: dict = {"theoretical_cola_passes_per_token": (k + 1) / bs, "theoretical_ar_passes_per_token": 1.0}
+    out["theoretical_pass_ratio_ar_over_cola"] = bs / (k + 1)  # K prior passes + 1 decoder pass per block
     for n in args.tokens:
         ours = by[("cached", n)]
-        for other in ("recompute", "released"):
+        for other in ("unmerged", "cached_bf16", "recompute", "released"):
+            if (other, n) not in by:
+                continue
             ref = by[(other, n)]
             out[f"speedup_vs_{other}@{n}"] = ours.tokens_per_s / ref.tokens_per_s
             out[f"same_tokens_{other}@{n}"] = ours.token_ids == ref.token_ids
             same = sum(a == b for a, b in zip(ours.token_ids, ref.token_ids))
             out[f"token_agreement_{other}@{n}"] = same / len(ours.token_ids)
-            out[f"max_latent_diff_{other}@{n}"] = float((ours.latents - ref.latents).abs().max())
+            out[f"max_latent_diff_{other}@{n}"] = float((ours.latents - ref.latents.float()).abs().max())
+        if ("cached_bf16", n) in by:
+            out[f"bf16_speedup_vs_released@{n}"] = (
+                by[("cached_bf16", n)].tokens_per_s / by[("released", n)].tokens_per_s
+            )
         out[f"distinct_tokens@{n}"] = len(set(ours.token_ids))
+        passes = ours.prior_calls + ours.decoder_calls
+        out[f"passes_per_token@{n}"] = passes / ours.new_tokens  # prior + decoder, prefill included
     longest = by[("cached", max(args.tokens))]
     times = longest.block_seconds
     out["first_block_s"], out["last_block_s"] = times[0], times[-1]
     out["last_over_first_block"] = times[-1] / times[0]
     head, tail = sorted(times[:4]), sorted(times[-4:])
     out["last_over_first_block_median4"] = tail[len(tail) // 2] / head[len(head) // 2]
-    if ar is not None:
-        cola = by.get(("cached", ar.new_tokens))
+    for name, result, loop in (
+        ("cola_over_ar", ar, "cached"),
+        ("cola_bf16_over_ar_bf16", ar_bf16, "cached_bf16"),
+    ):
+        cola = None if result is None else by.get((loop, result.new_tokens))
         if cola is not None:
-            out["cola_over_ar_tokens_per_s"] = cola.tokens_per_s / ar.tokens_per_s
+            out[f"{name}_tokens_per_s"] = cola.tokens_per_s / result.tokens_per_s
     return out
 
 
@@ -370,8 +402,8 @@ def format_table(report: BenchReport) -> str:
     lines = [
         f"Cola DLM sampler benchmark | prior w{s['width']} L{s['layers']} {s['heads']}x{s['head_dim']} "
         f"bs{bs} | VAE d{s['vae_dim']} {s['vae_layers']}+{s['vae_layers']} V{s['vocab']} | K={s['steps']} "
-        f"CFG={s['guidance']} | {'bf16 autocast' if s['bf16'] else 'fp32'} | batch 1 | prompt "
-        f"{s['prompt_len']} | {s['threads']} threads",
+        f"CFG={s['guidance']} | fp32 (bf16: the bf16 rows) | batch 1 | prompt {s['prompt_len']} | "
+        f"{s['threads']} threads",
         "",
         f"{'loop':<15}{'new tok':>8}{'time s':>9}{'tok/s':>9}{'prior/blk':>10}{'dec/blk':>8}"
         f"{'prior/tok':>10}{'dec/tok':>8}{'prefill p/d':>12}{'same tok':>9}",
@@ -380,40 +412,51 @@ def format_table(report: BenchReport) -> str:
         per_blk = sum(r.block_prior_calls) / len(r.block_prior_calls)
         dec_blk = sum(r.block_decoder_calls) / len(r.block_decoder_calls)
         same = "-"
-        if r.loop != "cached":
+        if r.loop != "cached" and f"token_agreement_{r.loop}@{r.new_tokens}" in summ:
             agree = summ[f"token_agreement_{r.loop}@{r.new_tokens}"]
-            same = "yes" if summ[f"same_tokens_{r.loop}@{r.new_tokens}"] else f"NO {agree:.0%}"
+            same = "yes" if summ[f"same_tokens_{r.loop}@{r.new_tokens}"] else f"{agree:.0%}"
         lines.append(
             f"{LOOP_TITLES[r.loop]:<15}{r.new_tokens:>8}{r.seconds:>9.2f}{r.tokens_per_s:>9.1f}"
             f"{per_blk:>10.1f}{dec_blk:>8.1f}{per_blk / bs:>10.3f}{dec_blk / bs:>8.3f}"
             f"{r.prefill_prior_calls:>6}/{r.prefill_decoder_calls:<5}{same:>9}"
         )
-    if report.ar is not None:
-        a = report.ar
-        lines.append(
-            f"{'AR (Llama)':<15}{a.new_tokens:>8}{a.seconds:>9.2f}{a.tokens_per_s:>9.1f}{'':>10}{'':>8}"
-            f"{a.forward_calls / a.new_tokens:>10.3f}{'-':>8}"
-        )
+    for a in (report.ar, report.ar_bf16):
+        if a is not None:
+            lines.append(
+                f"{'AR (Llama) ' + ('bf16' if a.dtype == 'bfloat16' else 'fp32'):<15}{a.new_tokens:>8}{a.seconds:>9.2f}"
+                f"{a.tokens_per_s:>9.1f}{'':>10}{'':>8}{a.forward_calls / a.new_tokens:>10.3f}{'-':>8}"
+            )
     lines.append("")
     for n in s["tokens"]:
-        lines.append(
-            f"@{n} tokens: cached / recompute = {summ[f'speedup_vs_recompute@{n}']:.2f}x, cached / released "
-            f"= {summ[f'speedup_vs_released@{n}']:.2f}x; max |dlatent| vs recompute "
-            f"{summ[f'max_latent_diff_recompute@{n}']:.1e}, vs released {summ[f'max_latent_diff_released@{n}']:.1e}"
-        )
+        parts = [f"@{n} tokens: merged / recompute = {summ[f'speedup_vs_recompute@{n}']:.2f}x",
+                 f"merged / released = {summ[f'speedup_vs_released@{n}']:.2f}x",
+                 f"merged / unmerged = {summ[f'speedup_vs_unmerged@{n}']:.2f}x"]  # fmt: skip
+        if f"bf16_speedup_vs_released@{n}" in summ:
+            parts.append(f"bf16 / released = {summ[f'bf16_speedup_vs_released@{n}']:.2f}x (bf16 tokens = fp32 "
+                         f"tokens at {summ[f'token_agreement_cached_bf16@{n}']:.0%} of positions)")  # fmt: skip
+        parts.append(f"passes/token (prior + decoder) {summ[f'passes_per_token@{n}']:.3f}")
+        lines.append("; ".join(parts))
     lines.append(
-        f"block time at {max(s['tokens'])} tokens (cached): first {summ['first_block_s'] * 1e3:.1f} ms, last "
+        f"block time at {max(s['tokens'])} tokens (merged, fp32): first {summ['first_block_s'] * 1e3:.1f} ms, last "
         f"{summ['last_block_s'] * 1e3:.1f} ms, last/first {summ['last_over_first_block']:.2f} "
-        f"(median of 4: {summ['last_over_first_block_median4']:.2f}; target <= 2)"
+        f"(median of 4: {summ['last_over_first_block_median4']:.2f})"
     )
-    if report.ar is not None and "cola_over_ar_tokens_per_s" in summ:
-        lines.append(
-            f"vs AR ({report.ar.num_parameters / 1e6:.2f}M params) at {report.ar.new_tokens} tokens: Cola/AR "
-            f"tokens/s = {summ['cola_over_ar_tokens_per_s']:.2f}x; theoretical passes per token Cola "
-            f"(K+2)/{bs} = {summ['theoretical_cola_passes_per_token']:.3f} vs AR 1 -> "
-            f"{summ['theoretical_pass_ratio_ar_over_cola']:.2f}x fewer passes"
-        )
-    lines.append("targets: cached/recompute >= 10x at 1,024 tokens; cached/released >= 1.5x (tiny config)")
+    for name, a, label in (
+        ("cola_over_ar", report.ar, "fp32"),
+        ("cola_bf16_over_ar_bf16", report.ar_bf16, "bf16"),
+    ):
+        if a is not None and f"{name}_tokens_per_s" in summ:
+            lines.append(
+                f"vs AR ({a.num_parameters / 1e6:.2f}M params, {label}) at {a.new_tokens} tokens: Cola/AR tokens/s = "
+                f"{summ[f'{name}_tokens_per_s']:.2f}x"
+            )
+    lines.append(
+        f"theoretical passes per token: Cola (K+1)/{bs} = {summ['theoretical_cola_passes_per_token']:.3f} vs AR 1"
+    )
+    lines.append(
+        "targets (issue 12): Cola/AR >= 1.5x, ours/released >= 4.5x, cached/recompute >= 10x at 1,024 tokens, "
+        "last/first block <= 1.5 at 2,048 latents, passes/token <= 0.7"
+    )
     return "\n".join(lines)
 
 
@@ -435,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="time every run this many times (round-robin), keep the fastest",
     )
-    add("--bf16", action="store_true", help="run everything under CPU bf16 autocast")
+    add("--no-bf16", action="store_true", help="skip the bf16 rows (ours with bf16 weights, AR in bf16)")
     add("--threads", type=int, default=None, help="torch.set_num_threads (default: leave torch's default)")
     add("--seed", type=int, default=0)
     add("--json", type=Path, default=None, help="also write the report as JSON")
@@ -501,17 +544,20 @@ def _run(args: argparse.Namespace, prior_run: RunConfig, vae_run: RunConfig) -> 
     prompt = torch.randint(0, args.vocab, (args.prompt_len,), generator=gen).tolist()
     max_blocks = max(*args.tokens, args.ar_tokens) // args.block_size
     noise = torch.randn(max_blocks, 1, args.block_size, args.latent_dim, generator=gen)  # (blocks, 1, bs, d)
-    common = (vae, prior, args.steps, args.guidance, args.repetition_penalty)
-    mask_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    common = (args.steps, args.guidance, args.repetition_penalty)
     loops = {
-        "cached": CachedLoop(*common),
-        "recompute": RecomputeLoop(*common),
-        "released": ReleasedLoop(*common, mask_dtype=mask_dtype),
+        "cached": CachedLoop(vae, prior, *common),
+        "unmerged": CachedLoop(vae, prior, *common, merge=False),
+        "recompute": RecomputeLoop(vae, prior, *common),
+        "released": ReleasedLoop(vae, prior, *common, mask_dtype=torch.float32),
     }
+    if not args.no_bf16:  # the same weights rounded to bf16 (what a bf16 pipeline runs)
+        loops["cached_bf16"] = CachedLoop(
+            copy.deepcopy(vae).to(torch.bfloat16), copy.deepcopy(prior).to(torch.bfloat16), *common
+        )
     progress = not args.no_progress
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else nullcontext()
-    runs, ar = [], None
-    with torch.inference_mode(), autocast:
+    runs, ar, ar_bf16 = [], None, None
+    with torch.inference_mode():
         for name, loop in loops.items():  # warm-up: two blocks of every loop
             measure(name, loop, prompt, noise[:2], progress=False)
         for n in args.tokens:
@@ -522,13 +568,16 @@ def _run(args: argparse.Namespace, prior_run: RunConfig, vae_run: RunConfig) -> 
             runs += [best_of(t) for t in tries.values()]
         if args.ar_tokens:
             ar = run_autoregressive(args, prompt, args.ar_tokens, args.repeats)
+            if not args.no_bf16:
+                ar_bf16 = run_autoregressive(args, prompt, args.ar_tokens, args.repeats, torch.bfloat16)
         if ar is not None and ar.new_tokens not in args.tokens:  # Cola at the AR token count too
             blocks = noise[: ar.new_tokens // args.block_size]
-            runs.append(best_of([measure("cached", loops["cached"], prompt, blocks, progress)
-                                 for _ in range(args.repeats)]))  # fmt: skip
+            for name in ("cached", "cached_bf16") if not args.no_bf16 else ("cached",):
+                runs.append(best_of([measure(name, loops[name], prompt, blocks, progress)
+                                     for _ in range(args.repeats)]))  # fmt: skip
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings["threads"] = torch.get_num_threads()
-    report = BenchReport(settings, runs, ar, summarize(args, runs, ar))
+    report = BenchReport(settings, runs, ar, summarize(args, runs, ar, ar_bf16), ar_bf16)
     print(format_table(report))
     if args.json is not None:
         args.json.write_text(json.dumps(report.to_dict(), indent=2))

@@ -76,6 +76,9 @@ def test_train_eval_sample_end_to_end(stage1, tmp_path, capsys):
     )
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("The value\u2502") and len(lines) == 2
+    sample = ["sample", str(cola), "--prompt", "The value", "--max-new-tokens", "8", "--steps", "2"]
+    assert main([*sample, "--dtype", "bfloat16"]) == 0  # bf16 weights: runs (tokens may differ)
+    assert capsys.readouterr().out.startswith("The value\u2502")
 
 
 def test_unknown_config_key(tmp_path, capsys):
