@@ -384,3 +384,19 @@ def test_adaln_cache_reuses_outputs_and_changes_nothing():
         handle.remove()
     # without the cache: 3 embeddings; with it: one per distinct timestep set (2 of 3 calls)
     assert len(calls) == 3 + 2 and len(cache) == 2
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_streams_equal_eager():
+    """compile_streams (inductor, weights frozen) gives the eager velocity, with and without a cache."""
+    model = tiny(adaln_zero_init=False).eval()
+    x = torch.randn(2, 8, model.config.in_channels[0])
+    t = torch.tensor([300.0, 700.0])
+    cache = KVCache(model.config.num_layers)
+    eager = model(x, t).velocity
+    model(x, torch.zeros(2), kv_cache=cache, update_cache=True)  # commit, then read it
+    eager_cached = model(x, t, kv_cache=cache).velocity
+    model.compile_streams(freezing=True, dynamic=False)
+    torch.testing.assert_close(model(x, t).velocity, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x, t, kv_cache=cache).velocity, eager_cached, atol=1e-5, rtol=1e-5)
