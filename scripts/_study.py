@@ -198,6 +198,15 @@ def _cell(v) -> str:
     return str(v)
 
 
+def beats(a: dict, b: dict, key: str) -> int:
+    """+1 / -1 when figure ``key`` of ``a`` is above / below ``b``'s by more than their seed spreads
+    together, 0 when within them (``*_spread`` is half the range over seeds)."""
+    gap = a[key] - b[key]
+    return (
+        0 if abs(gap) <= a.get(key + "_spread", 0.0) + b.get(key + "_spread", 0.0) else (1 if gap > 0 else -1)
+    )
+
+
 def pm(mean: float, spread: float) -> str:
     """``mean +- spread`` for a table cell."""
     return f"{mean:.3f} +- {spread:.3f}"
@@ -207,6 +216,7 @@ __all__ = [
     "CONFIGS",
     "SMOKE",
     "add_common_args",
+    "beats",
     "common_settings",
     "plt",
     "pm",

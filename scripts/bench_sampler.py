@@ -428,13 +428,13 @@ def format_table(report: BenchReport) -> str:
             )
     lines.append("")
     for n in s["tokens"]:
-        parts = [f"@{n} tokens: merged / {other} = {summ[f'speedup_vs_{other}@{n}']:.2f}x"
+        parts = [f"merged / {other} = {summ[f'speedup_vs_{other}@{n}']:.2f}x"
                  for other in ("recompute", "released", "unmerged") if f"speedup_vs_{other}@{n}" in summ]  # fmt: skip
         if f"bf16_speedup_vs_released@{n}" in summ:
             parts.append(f"bf16 / released = {summ[f'bf16_speedup_vs_released@{n}']:.2f}x (bf16 tokens = fp32 "
                          f"tokens at {summ[f'token_agreement_cached_bf16@{n}']:.0%} of positions)")  # fmt: skip
         parts.append(f"passes/token (prior + decoder) {summ[f'passes_per_token@{n}']:.3f}")
-        lines.append("; ".join(parts))
+        lines.append(f"@{n} tokens: " + "; ".join(parts))
     lines.append(
         f"block time at {max(s['tokens'])} tokens (merged, fp32): first {summ['first_block_s'] * 1e3:.1f} ms, last "
         f"{summ['last_block_s'] * 1e3:.1f} ms, last/first {summ['last_over_first_block']:.2f} "

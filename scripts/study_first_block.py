@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _study import add_common_args, common_settings, plt, pm, sample_figures, write_study
+from _study import add_common_args, beats, common_settings, plt, pm, sample_figures, write_study
 
 from prior.sampling.config import FIRST_BLOCK_STRATEGIES
 from prior.training.run_config import load_run_config
@@ -32,18 +32,25 @@ def main(argv: list[str] | None = None) -> dict:
     for strategy in FIRST_BLOCK_STRATEGIES:
         results[strategy] = sample_figures(args.cola, cfg, args.num_prompts, args.seeds,
                                            prompt_tokens=args.prompt_tokens, first_block=strategy)  # fmt: skip
-    best = max(results, key=lambda s: results[s]["bigram_logprob"])
     r0 = results["clean_repaint"]
-    tie = all(
-        abs(r["bigram_logprob"] - r0["bigram_logprob"])
-        <= r0["bigram_logprob_spread"] + r["bigram_logprob_spread"]
-        for r in results.values()
-    )
-    verdict = (
-        f"best bigram log-prob: `{best}`; "
-        + ("**reproduced** (clean repaint is best)" if best == "clean_repaint" and not tie
-           else "**inconclusive at this scale**: the strategies lie within the seed spread" if tie
-           else "**not reproduced**")
+    words = {1: "better", 0: "tied", -1: "worse"}
+    lines = []
+    for key, label in (("in_vocab", "in-vocab words"), ("bigram_logprob", "bigram log-prob")):
+        cmp = {n: beats(r0, r, key) for n, r in results.items() if n != "clean_repaint"}
+        lines.append(
+            f"{label}: clean repaint is " + ", ".join(f"{words[v]} vs `{n}`" for n, v in cmp.items())
+        )
+    votes = [
+        beats(r0, r, k)
+        for n, r in results.items()
+        if n != "clean_repaint"
+        for k in ("in_vocab", "bigram_logprob")
+    ]
+    verdict = "; ".join(lines) + " (beyond the two-seed spread) -> " + (
+        "**reproduced**" if all(v > 0 for v in votes)
+        else "**partly reproduced**" if min(votes) >= 0 and max(votes) > 0
+        else "**inconclusive at this scale**" if min(votes) >= 0
+        else "**not reproduced**"
     )  # fmt: skip
 
     def plot():

@@ -21,7 +21,7 @@ Design choices
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,13 @@ class Rotary:
     cos: torch.Tensor
     sin: torch.Tensor
     style: str
+    signed_sin: torch.Tensor | None = field(default=None, repr=False)  # interleaved: sin * (-1, +1, ...)
+
+    def __post_init__(self) -> None:
+        if self.style == "interleaved" and self.signed_sin is None:
+            sign = torch.ones(self.sin.shape[-1], dtype=self.sin.dtype, device=self.sin.device)
+            sign[0::2] = -1.0
+            self.signed_sin = self.sin * sign
 
 
 def rotary(positions: torch.Tensor, inv_freq: torch.Tensor, style: str = "neox") -> Rotary:
@@ -77,10 +84,11 @@ def apply_rope(x: torch.Tensor, rope: Rotary) -> torch.Tensor:
     if rope.style == "neox":
         x1, x2 = xr.chunk(2, dim=-1)
         rotated = torch.cat((-x2, x1), dim=-1)  # (x1, x2) -> (-x2, x1)
-    else:
-        pairs = xr.unflatten(-1, (-1, 2))  # (..., R/2, 2)
-        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    out = (xr * rope.cos + rotated * rope.sin).to(x.dtype)
+        out = xr * rope.cos + rotated * rope.sin
+    else:  # (a, b) -> (-b, a): the pair swapped, the sign folded into the sin table (exact)
+        swapped = xr.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., R): (b, a) per pair
+        out = xr * rope.cos + swapped * rope.signed_sin
+    out = out.to(x.dtype)
     return out if x_pass.shape[-1] == 0 else torch.cat((out, x_pass), dim=-1)
 
 

@@ -202,8 +202,8 @@ class MMDiTBlock(nn.Module):
             ks.append(k)
             vs.append(v)
         q, k, v = (t[0] if len(t) == 1 else torch.cat(t, dim=2) for t in (qs, ks, vs))  # (B, H, L, Dh)
-        if ctx.rope is not None:
-            q, k = apply_rope(q, ctx.rope), apply_rope(k, ctx.rope)
+        if ctx.rope is not None:  # q and k rotated in one pass: (2, B, H, L, Dh)
+            q, k = apply_rope(torch.stack((q, k)), ctx.rope).unbind(0)
         o = joint_attention(q, k, v, ctx, self.layer)  # (B, H, L, Dh)
         o = o.transpose(1, 2).flatten(2)  # (B, L, H*Dh)
         out = {}
