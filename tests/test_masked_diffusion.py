@@ -150,3 +150,22 @@ def test_mdm_stops_after_the_block_where_every_row_stopped():
     out = pipe("the cat", max_new_tokens=12, num_inference_steps=4, stop_token_ids=[stop_id])
     assert out.num_model_calls == 4 and out.token_ids[0][-1] == stop_id and len(out.token_ids[0]) <= 4
     assert first.num_model_calls == 12
+
+
+def test_sampling_config_and_sampler_arguments_fail_loudly():
+    from prior.sampling.masked_diffusion import MaskedDiffusionSamplingConfig
+
+    with pytest.raises(ValueError, match="block_length"):
+        MaskedDiffusionSamplingConfig(block_length=0)
+    with pytest.raises(ValueError, match="remasking"):
+        MaskedDiffusionSamplingConfig(remasking="greedy")
+    model = ARTransformer(
+        vocab_size=9, width=32, heads=2, head_dim=16, rope_dim=8, num_layers=1, causal=False
+    )
+    with pytest.raises(ValueError, match="multiple of block_len"):
+        masked_diffusion_sample(model, [1, 2], 8, gen_len=6, block_len=4, steps_per_block=2)
+    with pytest.raises(ValueError, match="at least one token"):
+        masked_diffusion_sample(model, [[1], []], 8, gen_len=4, block_len=4, steps_per_block=2)
+    out = masked_diffusion_sample(model, [[1, 2, 3], [4]], 8, gen_len=4, block_len=4, steps_per_block=4,
+                                  remasking="random", generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert [len(r) for r in out.token_ids] == [4, 4] and out.committed == [1, 1, 1, 1]
