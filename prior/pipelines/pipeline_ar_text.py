@@ -27,7 +27,8 @@ Design choices
   invalid keys and every row has its own positions ``0..n-1``, so a row of a batch gives its
   single-prompt result (up to float rounding). Then one cached forward per token over the batch
   (``update_cache=True`` writes that token's keys); finished rows stop adding output.
-* ``__call__`` is built on the streaming path (both run :meth:`ARTextPipeline._generate`).
+* ``__call__`` and ``stream`` come from :class:`~prior.pipelines.text_generation.StepwiseGenerationMixin`
+  (shared with the masked-diffusion pipeline), both over :meth:`ARTextPipeline._generate`.
 * ``from_pretrained`` of a folder that holds another pipeline (a Cola DLM) is one ValueError line
   (:func:`~prior.pipelines.folders.check_pipeline_class`).
 """
@@ -42,7 +43,12 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from prior.models.ar import ARTransformer
-from prior.pipelines.text_generation import IncrementalDetokenizer, TextGenerationMixin, TextStreamChunk
+from prior.pipelines.text_generation import (
+    GenerationStep,
+    StepwiseGenerationMixin,
+    TextGenerationMixin,
+    TextStreamChunk,
+)
 from prior.sampling.config import GenerationConfig
 from prior.sampling.stopping import RowState, make_stop_rule
 from prior.sampling.tokens import apply_repetition_penalty, finite_logits, sample_tokens
@@ -62,21 +68,12 @@ class ARTextPipelineOutput(BaseOutput):
 ARTextStreamChunk = TextStreamChunk  # one step = one token
 
 
-@dataclass
-class _Step:
-    """What one generation step adds: the new ids per prompt, who has stopped, forwards so far."""
-
-    index: int
-    token_ids: list[list[int]]
-    finished: list[bool]
-    num_model_calls: int
-
-
-class ARTextPipeline(TextGenerationMixin, DiffusionPipeline):
+class ARTextPipeline(StepwiseGenerationMixin, TextGenerationMixin, DiffusionPipeline):
     """Autoregressive text generation with the matched baseline (see the module docstring)."""
 
     output_types = ("text", "ids")
     model_cpu_offload_seq = "transformer"
+    output_class = ARTextPipelineOutput
 
     def __init__(self, transformer: ARTransformer, tokenizer):
         super().__init__()
@@ -104,7 +101,7 @@ class ARTextPipeline(TextGenerationMixin, DiffusionPipeline):
 
     def _generate(
         self, prompts: list[str], config: GenerationConfig, generator: torch.Generator | None
-    ) -> Iterator[_Step]:
+    ) -> Iterator[GenerationStep]:
         """Prefill the prompts, then sample one token per step through the KV cache."""
         model = self.transformer
         device, vocab = model.device, model.config.vocab_size
@@ -147,64 +144,11 @@ class ARTextPipeline(TextGenerationMixin, DiffusionPipeline):
             sampled = next_ids[:, 0].tolist()
             new = [rule.take(state, [token], 0) for state, token in zip(states, sampled)]
             seen[every, next_ids[:, 0]] = True
-            yield _Step(step, new, [s.finished for s in states], calls)
+            yield GenerationStep(step, new, [s.finished for s in states], calls)
             if rule.done(states, step + 1, 1) or step + 1 == room:
                 break
             logits = model(next_ids, kv_cache=cache, update_cache=True).logits.float()  # (B, 1, V)
             calls += 1
-
-    def _decode(self, token_ids: list[list[int]], config: GenerationConfig) -> list[str]:
-        return self.tokenizer.batch_decode(token_ids, skip_special_tokens=config.skip_special_tokens)
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str],
-        generation_config: GenerationConfig | None = None,
-        generator: torch.Generator | None = None,
-        output_type: str = "text",
-        return_dict: bool = True,
-        **overrides,
-    ) -> ARTextPipelineOutput | tuple:
-        """Generate a continuation of each prompt.
-
-        ``generation_config``: the settings (default: ``self.generation_config``); ``overrides``: any
-        of its fields (``max_new_tokens=64``, ``temperature=0.8``, ...); ``generator`` drives the
-        token draws when sampling. Returns texts (``output_type="text"``) or ids only (``"ids"``).
-        """
-        prompts = self.check_prompts(prompt, output_type)
-        config = self.resolve_generation_config(generation_config, **overrides)
-        token_ids, calls = [[] for _ in prompts], 0
-        with self.progress_bar(total=config.max_new_tokens) as bar:
-            for step in self._generate(prompts, config, generator):
-                bar.update()
-                for acc, new in zip(token_ids, step.token_ids):
-                    acc.extend(new)
-                calls = step.num_model_calls
-        texts = self._decode(token_ids, config) if output_type == "text" else None
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return ({"text": texts, "ids": token_ids}[output_type],)
-        return ARTextPipelineOutput(texts=texts, token_ids=token_ids, num_model_calls=calls)
-
-    @torch.no_grad()
-    def stream(
-        self,
-        prompt: str | list[str],
-        generation_config: GenerationConfig | None = None,
-        generator: torch.Generator | None = None,
-        **overrides,
-    ) -> Iterator[ARTextStreamChunk]:
-        """Yield the new text of every prompt token by token (same settings and ids as ``__call__``).
-
-        The text of a step is the difference between the decoded text after and before it, so
-        multi-byte characters split over tokens come out whole."""
-        prompts = self.check_prompts(prompt, "text")
-        config = self.resolve_generation_config(generation_config, **overrides)
-        text = IncrementalDetokenizer(len(prompts), lambda ids: self._decode([ids], config)[0])
-        for step in self._generate(prompts, config, generator):
-            new_texts = [text.add(i, new) for i, new in enumerate(step.token_ids)]
-            yield ARTextStreamChunk(step.index, new_texts, step.token_ids, step.finished)
 
 
 __all__ = ["ARTextPipeline", "ARTextPipelineOutput", "ARTextStreamChunk"]

@@ -36,7 +36,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
 from prior.models.ar import ARTransformer
-from prior.pipelines.text_generation import IncrementalDetokenizer, TextGenerationMixin, TextStreamChunk
+from prior.pipelines.text_generation import GenerationStep, StepwiseGenerationMixin, TextGenerationMixin
 from prior.sampling.config import GenerationConfig
 from prior.sampling.masked_diffusion import REMASKING, masked_diffusion_blocks
 from prior.sampling.stopping import RowState, make_stop_rule
@@ -53,19 +53,12 @@ class MDMTextPipelineOutput(BaseOutput):
     num_model_calls: int = 0
 
 
-@dataclass
-class _Step:
-    index: int
-    token_ids: list[list[int]]
-    finished: list[bool]
-    num_model_calls: int
-
-
-class MDMTextPipeline(TextGenerationMixin, DiffusionPipeline):
+class MDMTextPipeline(StepwiseGenerationMixin, TextGenerationMixin, DiffusionPipeline):
     """Masked-diffusion text generation with the LLaDA-style baseline (see the module docstring)."""
 
     output_types = ("text", "ids")
     model_cpu_offload_seq = "transformer"
+    output_class = MDMTextPipelineOutput
 
     @register_to_config
     def __init__(
@@ -95,6 +88,9 @@ class MDMTextPipeline(TextGenerationMixin, DiffusionPipeline):
     def mask_id(self) -> int:
         return self.transformer.config.vocab_size - 1
 
+    def _progress_total(self, config: GenerationConfig) -> int:  # blocks
+        return math.ceil(config.max_new_tokens / self.config.block_length)
+
     def stop_token_ids(self) -> list[int]:
         """The default stop ids: EOS, and ``<|im_end|>`` when the vocabulary has it."""
         return default_stop_token_ids(self.tokenizer)
@@ -106,7 +102,7 @@ class MDMTextPipeline(TextGenerationMixin, DiffusionPipeline):
 
     def _generate(
         self, prompts: list[str], config: GenerationConfig, generator: torch.Generator | None
-    ) -> Iterator[_Step]:
+    ) -> Iterator[GenerationStep]:
         block_len = self.config.block_length
         steps = config.num_inference_steps
         if not 1 <= steps <= block_len:
@@ -138,55 +134,9 @@ class MDMTextPipeline(TextGenerationMixin, DiffusionPipeline):
             remasking=self.config.remasking, temperature=config.temperature, generator=generator,
         ):  # fmt: skip
             new = [rule.take(state, ids, 0) for state, ids in zip(states, block.token_ids)]
-            yield _Step(block.index, new, [s.finished for s in states], block.num_forwards)
+            yield GenerationStep(block.index, new, [s.finished for s in states], block.num_forwards)
             if rule.done(states, block.index + 1, block_len):
                 break
-
-    def _decode(self, token_ids: list[list[int]], config: GenerationConfig) -> list[str]:
-        return self.tokenizer.batch_decode(token_ids, skip_special_tokens=config.skip_special_tokens)
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str],
-        generation_config: GenerationConfig | None = None,
-        generator: torch.Generator | None = None,
-        output_type: str = "text",
-        return_dict: bool = True,
-        **overrides,
-    ) -> MDMTextPipelineOutput | tuple:
-        """Generate a continuation of each prompt (settings as in the module docstring)."""
-        prompts = self.check_prompts(prompt, output_type)
-        config = self.resolve_generation_config(generation_config, **overrides)
-        token_ids, calls = [[] for _ in prompts], 0
-        total = math.ceil(config.max_new_tokens / self.config.block_length)
-        with self.progress_bar(total=total) as bar:
-            for step in self._generate(prompts, config, generator):
-                bar.update()
-                for acc, new in zip(token_ids, step.token_ids):
-                    acc.extend(new)
-                calls = step.num_model_calls
-        texts = self._decode(token_ids, config) if output_type == "text" else None
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return ({"text": texts, "ids": token_ids}[output_type],)
-        return MDMTextPipelineOutput(texts=texts, token_ids=token_ids, num_model_calls=calls)
-
-    @torch.no_grad()
-    def stream(
-        self,
-        prompt: str | list[str],
-        generation_config: GenerationConfig | None = None,
-        generator: torch.Generator | None = None,
-        **overrides,
-    ) -> Iterator[TextStreamChunk]:
-        """Yield the new text of every prompt block by block (same settings and ids as ``__call__``)."""
-        prompts = self.check_prompts(prompt, "text")
-        config = self.resolve_generation_config(generation_config, **overrides)
-        text = IncrementalDetokenizer(len(prompts), lambda ids: self._decode([ids], config)[0])
-        for step in self._generate(prompts, config, generator):
-            new_texts = [text.add(i, new) for i, new in enumerate(step.token_ids)]
-            yield TextStreamChunk(step.index, new_texts, step.token_ids, step.finished)
 
 
 __all__ = ["MDMTextPipeline", "MDMTextPipelineOutput"]

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from prior.pipelines.folders import check_pipeline_class
 from prior.sampling.config import CONFIG_NAME, GenerationConfig
@@ -46,6 +48,82 @@ class IncrementalDetokenizer:
         full, before = self.decode(self.token_ids[i]), self.texts[i]
         self.texts[i] = full
         return full[len(before) :] if full.startswith(before) else full
+
+
+@dataclass
+class GenerationStep:
+    """What one step of a step-wise generation adds (a token for the AR baseline, a block for the
+    masked-diffusion one): the new ids per prompt, who has stopped, model forwards so far."""
+
+    index: int
+    token_ids: list[list[int]]
+    finished: list[bool]
+    num_model_calls: int
+
+
+class StepwiseGenerationMixin:
+    """``__call__`` and ``stream`` of a baseline text pipeline whose ``_generate(prompts, config,
+    generator)`` yields :class:`GenerationStep` s; ``output_class`` is its output dataclass
+    (``texts``, ``token_ids``, ``num_model_calls``), ``_progress_total(config)`` its bar length.
+    ``__call__`` is built on the streaming path, so both give the same ids."""
+
+    output_class: type
+
+    def _progress_total(self, config: GenerationConfig) -> int:
+        return config.max_new_tokens
+
+    def _decode(self, token_ids: list[list[int]], config: GenerationConfig) -> list[str]:
+        return self.tokenizer.batch_decode(token_ids, skip_special_tokens=config.skip_special_tokens)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        generation_config: GenerationConfig | None = None,
+        generator: torch.Generator | None = None,
+        output_type: str = "text",
+        return_dict: bool = True,
+        **overrides,
+    ):
+        """Generate a continuation of each prompt.
+
+        ``generation_config``: the settings (default: ``self.generation_config``); ``overrides``: any
+        of its fields (``max_new_tokens=64``, ``temperature=0.8``, ...); ``generator`` drives the
+        token draws when sampling. Returns texts (``output_type="text"``) or ids only (``"ids"``).
+        """
+        prompts = self.check_prompts(prompt, output_type)
+        config = self.resolve_generation_config(generation_config, **overrides)
+        token_ids, calls = [[] for _ in prompts], 0
+        with self.progress_bar(total=self._progress_total(config)) as bar:
+            for step in self._generate(prompts, config, generator):
+                bar.update()
+                for acc, new in zip(token_ids, step.token_ids):
+                    acc.extend(new)
+                calls = step.num_model_calls
+        texts = self._decode(token_ids, config) if output_type == "text" else None
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return ({"text": texts, "ids": token_ids}[output_type],)
+        return self.output_class(texts=texts, token_ids=token_ids, num_model_calls=calls)
+
+    @torch.no_grad()
+    def stream(
+        self,
+        prompt: str | list[str],
+        generation_config: GenerationConfig | None = None,
+        generator: torch.Generator | None = None,
+        **overrides,
+    ) -> Iterator[TextStreamChunk]:
+        """Yield the new text of every prompt step by step (same settings and ids as ``__call__``).
+
+        The text of a step is the difference between the decoded text after and before it, so
+        multi-byte characters split over steps come out whole."""
+        prompts = self.check_prompts(prompt, "text")
+        config = self.resolve_generation_config(generation_config, **overrides)
+        text = IncrementalDetokenizer(len(prompts), lambda ids: self._decode([ids], config)[0])
+        for step in self._generate(prompts, config, generator):
+            new_texts = [text.add(i, new) for i, new in enumerate(step.token_ids)]
+            yield TextStreamChunk(step.index, new_texts, step.token_ids, step.finished)
 
 
 class TextGenerationMixin:
@@ -103,4 +181,10 @@ class TextGenerationMixin:
         return dataclasses.replace(config, **fill) if fill else config
 
 
-__all__ = ["IncrementalDetokenizer", "TextGenerationMixin", "TextStreamChunk"]
+__all__ = [
+    "GenerationStep",
+    "IncrementalDetokenizer",
+    "StepwiseGenerationMixin",
+    "TextGenerationMixin",
+    "TextStreamChunk",
+]
