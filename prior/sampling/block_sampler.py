@@ -326,7 +326,8 @@ class BlockSampler:
         prefix_len = torch.tensor([r.prefix for r in rows], device=device)  # (B,)
         prefix, prefix_valid, known, known_mask = self._encode(rows, device)
 
-        # 1. prefill both caches with the prompt's whole blocks (after the context, if any)
+        # 1. the prompt's whole blocks (after the context, if any): the decoder cache now, the prior
+        # cache in block 0's first step (merge_commit) or by a pass of its own
         prior_cache = KVCache(self.prior.config.num_layers) if context is None else context.cache
         pos0 = None if context is None else context.positions.to(device)[:, None]  # (B, 1) text start
         blk0 = None if context is None else context.blocks.to(device)[:, None]
@@ -346,7 +347,7 @@ class BlockSampler:
         guidance = torch.full((batch,), float(cfg.guidance_scale), device=device)
         seen = torch.zeros(batch, text.vocab_size, dtype=torch.bool, device=device)
         for k in range(self._max_blocks(rows)):
-            # 2. transport one block from noise to clean latents (cache read-only)
+            # 2. transport one block from noise to clean latents (the first step commits `pending`)
             positions = prefix_len[:, None] + k * bs + torch.arange(bs, device=device)  # (B, bs)
             conditioned = prefix_len > 0 if context is None else torch.ones_like(prefix_len, dtype=torch.bool)
             w = torch.where(conditioned, guidance, 1.0) if k == 0 else guidance
