@@ -134,8 +134,9 @@ def pool_seeds(per_seed: list[dict]) -> dict:
         if values:
             out[key] = sum(values) / len(values)
             out[key + "_spread"] = (max(values) - min(values)) / 2
-    out["real_in_vocab"] = per_seed[0]["real"]["in_vocab"]
-    out["unigram_in_vocab"] = per_seed[0]["unigram"]["in_vocab"]
+    for anchor in ("real", "unigram"):  # held-out text and unigram salad, scored the same way
+        for key in ("in_vocab", "distinct2", "bigram_logprob"):
+            out[f"{anchor}_{key}"] = per_seed[0][anchor][key]
     return out
 
 

@@ -28,9 +28,11 @@ import torch
 from _study import (
     CONFIGS,
     add_common_args,
+    beats,
     common_settings,
     plt,
     pm,
+    pool_seeds,
     sample_figures,
     train_variant,
     write_study,
@@ -90,11 +92,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--minutes", type=float, default=4.0)
     p.add_argument("--save-every", type=int, default=150)
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS))
+    p.add_argument(
+        "--report-only", action="store_true", help="rewrite the report from results.json (no training)"
+    )
     add_common_args(p, "runs/studies/cola_ar_mdm")
     args = common_settings(p.parse_args(argv))
     out = Path(args.output_dir)
     results = {}
-    for name in args.systems:
+    if args.report_only:
+        saved = json.loads((out / "results.json").read_text())
+        results = saved["systems"]
+        for r in results.values():  # the anchors' other figures, from the stored per-seed reports
+            r["final"] = {**r["final"], **pool_seeds(r["final"]["per_seed"])}
+        args.minutes, args.seeds = saved["minutes"], saved["seeds"]
+    for name in [] if args.report_only else args.systems:
         if name == "cola_categorical" and not args.categorical_vae:
             print("skipping cola_categorical: no --categorical-vae")
             continue
@@ -120,18 +131,27 @@ def main(argv: list[str] | None = None) -> dict:
         results[name] = {"parameters": n_params, "train_seconds": seconds, "curve": curve,
                          "final": curve[-1], **sampler_speed(run)}  # fmt: skip
     final = {n: r["final"] for n, r in results.items()}
-    best = max(final, key=lambda n: final[n]["bigram_logprob"])
-    ar = final.get("ar")
-    cola_names = [n for n in final if n.startswith("cola")]
-    cola_best = max(cola_names, key=lambda n: final[n]["bigram_logprob"]) if cola_names else None
-    if ar and cola_best:
-        gap = final[cola_best]["bigram_logprob"] - ar["bigram_logprob"]
-        spread = final[cola_best]["bigram_logprob_spread"] + ar["bigram_logprob_spread"]
-        verdict = (f"best final bigram log-prob: `{best}`; best Cola (`{cola_best}`) - AR = {gap:+.3f} "
-                   f"(seed spread {spread:.3f}) -> "
-                   + ("**reproduced** (Cola >= AR)" if gap >= -spread else "**not reproduced at this scale** (AR ahead)"))  # fmt: skip
+    real = next(iter(final.values()))
+    loops = [n for n, f in final.items() if f["distinct2"] < 0.5]  # greedy samples that repeat themselves
+    ar, cola_names = final.get("ar"), [n for n in final if n.startswith("cola")]
+    if ar and cola_names:
+        cola_best = max(cola_names, key=lambda n: final[n]["in_vocab"])
+        c = final[cola_best]
+        fluency = {k: beats(c, ar, k) for k in ("in_vocab", "bigram_logprob", "distinct2")}
+        verdict = (
+            f"best Cola (`{cola_best}`) vs AR: in-vocab words {c['in_vocab']:.3f} vs {ar['in_vocab']:.3f}, bigram "
+            f"log-prob {c['bigram_logprob']:.2f} vs {ar['bigram_logprob']:.2f}, distinct-2 {c['distinct2']:.3f} vs "
+            f"{ar['distinct2']:.3f} (real text {real['real_in_vocab']:.3f} / {real['real_bigram_logprob']:.2f} / "
+            f"{real['real_distinct2']:.3f})"
+            + (f"; the greedy samples of {', '.join(f'`{n}`' for n in loops)} repeat themselves (distinct-2 < 0.5)"
+               if loops else "")
+            + " -> "
+            + ("**reproduced** (Cola at least as fluent as AR)" if fluency["in_vocab"] >= 0 and fluency["bigram_logprob"] >= 0
+               else "**not reproduced at this scale**: AR's words are more real-text-like after the same wall clock, "
+               "while Cola's samples do not loop")
+        )  # fmt: skip
     else:
-        verdict = f"best final bigram log-prob: `{best}` (AR or Cola missing: no verdict)"
+        verdict = "AR or Cola missing: no verdict"
 
     def plot():
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
@@ -162,7 +182,18 @@ def main(argv: list[str] | None = None) -> dict:
              r["final"].get("context_sensitivity", ""), round(r["tokens_per_s"]), r["model_calls"]]
             for n, r in results.items()]  # fmt: skip
     rows.append(
-        ["real held-out text", "", "", "", next(iter(final.values()))["real_in_vocab"], "", "", "", "", ""]
+        [
+            "real held-out text",
+            "",
+            "",
+            "",
+            real["real_in_vocab"],
+            real["real_distinct2"],
+            real["real_bigram_logprob"],
+            "",
+            "",
+            "",
+        ]
     )
     write_study(out, "Cola DLM vs AR vs masked diffusion at equal compute",
                 "at equal compute Cola DLM is competitive with or better than matched AR and LLaDA-style masked "
