@@ -8,6 +8,7 @@ of each study from the driver log when given.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 from pathlib import Path
@@ -30,6 +31,17 @@ def main(argv: list[str] | None = None) -> None:
         if m:
             times[m.group(1)] = (float(m.group(2)), float(m.group(3)))
     parts = [Path(args.intro).read_text().rstrip() + "\n"] if args.intro else []
+    summary = ["| study | the paper | here (the verdicts of the section) |", "|---|---|---|"]
+    for name in ORDER:
+        path = root / name / "results.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            md = (root / name / "results.md").read_text()
+            paper = re.search(r"\*\*Paper:\*\* (.*)", md).group(1)
+            verdicts = re.findall(r"\*\*(.+?)\*\*", saved["verdict"]) or [saved["verdict"]]
+            anchor = re.sub(r"[^a-z0-9 -]", "", saved["title"].lower()).replace(" ", "-")
+            summary.append(f"| [{saved['title']}](#{anchor}) | {paper} | {'; '.join(verdicts)} |")
+    parts.append("## Summary\n\n" + "\n".join(summary) + "\n")
     for name in ORDER:
         md_path = root / name / "results.md"
         if not md_path.is_file():

@@ -52,6 +52,15 @@ def test_eval_only_studies(study, runs, tmp_path):
     sc = study("study_steps_cfg").main([str(runs / "cola"), "--smoke", "--output-dir", str(tmp_path / "s")])
     assert list(sc["by_steps"]) == [1, 2] and list(sc["by_cfg"]) == [1.0, 2.0]
     check_outputs(tmp_path / "s", ["steps_cfg.png"])
+    # make_findings gathers them (folders named as the studies) into one page with a summary
+    for short, name in (("r", "vae_robustness"), ("f", "first_block"), ("s", "steps_cfg")):
+        (tmp_path / short).rename(tmp_path / name)
+    page = tmp_path / "docs" / "findings.md"
+    page.parent.mkdir()
+    study("make_findings").main(["--studies", str(tmp_path), "--out", str(page)])
+    text = page.read_text()
+    assert text.count("](#") == 3 and "images/studies/steps_cfg/steps_cfg.png" in text
+    assert (page.parent / "images" / "studies" / "first_block" / "first_block.png").is_file()
 
 
 def test_training_studies(study, runs, tmp_path):
