@@ -18,9 +18,9 @@ run cola_ar_mdm scripts/study_cola_ar_mdm.py --vae "$VAE" --categorical-vae "$CA
 run first_block scripts/study_first_block.py "$COLA"
 run steps_cfg scripts/study_steps_cfg.py "$COLA"
 run block_size scripts/study_block_size.py --vae "$VAE" --steps 300
-run stage2_modes scripts/study_stage2_modes.py --vae-steps 250 --steps 200
+run stage2_modes scripts/study_stage2_modes.py --vae-steps 200 --steps 150
 run patch_parity scripts/study_patch_parity.py --vae-steps 250 --steps 300
-run loc_dim scripts/study_loc_dim.py --vae-steps 200 --steps 150
+run loc_dim scripts/study_loc_dim.py --vae-steps 200 --steps 150 --seeds 0
 run vae_robustness scripts/study_vae_robustness.py "$VAE" "$OUT/stage2_modes/vae_no_BERT_loss" \
   "$OUT/stage2_modes/vae_fixed_logSNR" "$OUT/patch_parity/vae_p2" "$CAT_VAE"
 python scripts/make_findings.py --studies "$OUT" --intro docs/findings_intro.md
