@@ -1,6 +1,7 @@
-"""Collect the studies' outputs into ``docs/findings.md``: each study's results.md (paper finding,
-verdict, table, command), its plots copied to ``docs/images/studies/<study>/``, and the CPU time
-of each study from the driver log when given.
+"""Collect the studies' outputs into ``docs/findings.md``: a summary of the verdicts, then each
+study's results.md (paper finding, verdict, table, command), its plots copied to
+``docs/images/studies/<study>/``, a reading of the result from ``--notes/<study>.md`` when there
+is one, and the wall clock and CPU time of each study from its log.
 
     python scripts/make_findings.py --studies runs/studies --intro docs/findings_intro.md
 """
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--studies", default="runs/studies")
     p.add_argument("--out", default="docs/findings.md")
     p.add_argument("--intro", default=None, help="markdown placed before the studies")
+    p.add_argument("--notes", default="docs/findings_notes", help="folder of <study>.md readings added to the sections")
     args = p.parse_args(argv)
     root, out = Path(args.studies), Path(args.out)
     images = out.parent / "images" / "studies"
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
         for png in (root / name).glob("*.png"):
             shutil.copy(png, images / name / png.name)
             md = md.replace(f"]({png.name})", f"](images/studies/{name}/{png.name})")
+        note = Path(args.notes) / f"{name}.md"
+        if note.is_file():  # a reading of the result, written by whoever ran the study
+            md = md.rstrip() + "\n\n**Reading.** " + note.read_text().strip() + "\n"
         if name in times:
             wall, user = times[name]
             md = md.rstrip() + f"\n\nRun time: {wall / 60:.1f} min wall clock ({user / 60:.1f} CPU-min).\n"
