@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--studies", default="runs/studies")
     p.add_argument("--out", default="docs/findings.md")
     p.add_argument("--intro", default=None, help="markdown placed before the studies")
-    p.add_argument("--notes", default="docs/findings_notes", help="folder of <study>.md readings added to the sections")
+    p.add_argument(
+        "--notes", default="docs/findings_notes", help="folder of <study>.md readings added to the sections"
+    )
     args = p.parse_args(argv)
     root, out = Path(args.studies), Path(args.out)
     images = out.parent / "images" / "studies"
