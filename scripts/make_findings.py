@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> None:
             md = (root / name / "results.md").read_text()
             paper = re.search(r"\*\*Paper:\*\* (.*)", md).group(1)
             verdicts = re.findall(r"\*\*(.+?)\*\*", saved["verdict"]) or [saved["verdict"]]
+            short = (
+                Path(args.notes) / f"{name}.summary"
+            )  # a one-line summary, when the bold words need context
+            if short.is_file():
+                verdicts = [short.read_text().strip()]
             anchor = re.sub(r"[^a-z0-9 -]", "", saved["title"].lower()).replace(" ", "-")
             summary.append(f"| [{saved['title']}](#{anchor}) | {paper} | {'; '.join(verdicts)} |")
     parts.append("## Summary\n\n" + "\n".join(summary) + "\n")
