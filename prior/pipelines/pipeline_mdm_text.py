@@ -38,7 +38,7 @@ from diffusers.utils import BaseOutput
 from prior.models.ar import ARTransformer
 from prior.pipelines.text_generation import GenerationStep, StepwiseGenerationMixin, TextGenerationMixin
 from prior.sampling.config import GenerationConfig
-from prior.sampling.masked_diffusion import REMASKING, masked_diffusion_blocks
+from prior.sampling.masked_diffusion import MaskedDiffusionSamplingConfig, masked_diffusion_blocks
 from prior.sampling.stopping import RowState, make_stop_rule
 from unimodal.tokenization import check_special_tokens, default_stop_token_ids, model_vocab_size
 
@@ -77,10 +77,7 @@ class MDMTextPipeline(StepwiseGenerationMixin, TextGenerationMixin, DiffusionPip
                 f"tokenizer has {model_vocab_size(tokenizer)} ids; the model must embed them + one mask id, "
                 f"but embeds {transformer.config.vocab_size}"
             )
-        if block_length < 1:
-            raise ValueError(f"block_length must be >= 1, got {block_length}")
-        if remasking not in REMASKING:
-            raise ValueError(f"remasking={remasking!r}; expected one of {REMASKING}")
+        MaskedDiffusionSamplingConfig(block_length, remasking)  # validates both (one error line each)
         self.register_modules(transformer=transformer, tokenizer=tokenizer)
         self.generation_config = GenerationConfig()
 

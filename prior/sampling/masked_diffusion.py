@@ -114,20 +114,18 @@ def masked_diffusion_blocks(
     for b in range(gen_len // block_len):
         lo, hi = n + b * block_len, n + (b + 1) * block_len
         for k in schedule:
-            logits = model(ids, positions=positions, valid=valid).logits[:, lo:].float()  # (B, G', V)
+            logits = model(ids, positions=positions, valid=valid).logits[:, lo:hi].float()  # (B, block, V)
             logits[..., mask_id] = float("-inf")
             forwards += 1
             if temperature > 0:
                 u = torch.rand(logits.shape, generator=generator).clamp_min(1e-20).to(device)
                 pred = (logits / temperature - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max
             else:
-                pred = logits.argmax(-1)  # (B, G')
+                pred = logits.argmax(-1)  # (B, block): only the current block may be committed
             if remasking == "low_confidence":
-                conf = logits.softmax(-1).gather(-1, pred[..., None])[..., 0]  # (B, G')
+                conf = logits.softmax(-1).gather(-1, pred[..., None])[..., 0]  # (B, block)
             else:
                 conf = torch.rand(pred.shape, generator=generator).to(device)
-            conf = conf[:, : hi - lo]  # only the current block may be committed
-            pred = pred[:, : hi - lo]
             conf = torch.where(ids[:, lo:hi] == mask_id, conf, torch.full_like(conf, -1.0))
             chosen = conf.topk(k, dim=-1).indices  # (B, k)
             block = ids[:, lo:hi]
