@@ -52,7 +52,7 @@ from prior.pipelines.text_generation import (
 from prior.sampling.config import GenerationConfig
 from prior.sampling.stopping import RowState, make_stop_rule
 from prior.sampling.tokens import apply_repetition_penalty, finite_logits, sample_tokens
-from unimodal.tokenization import check_special_tokens, default_stop_token_ids, model_vocab_size
+from unimodal.tokenization import check_special_tokens, model_vocab_size
 
 
 @dataclass
@@ -86,18 +86,7 @@ class ARTextPipeline(StepwiseGenerationMixin, TextGenerationMixin, DiffusionPipe
         self.register_modules(transformer=transformer, tokenizer=tokenizer)
         self.generation_config = GenerationConfig()
 
-    # ------------------------------------------------------------------ settings
-
-    def stop_token_ids(self) -> list[int]:
-        """The default stop ids: EOS, and ``<|im_end|>`` when the vocabulary has it."""
-        return default_stop_token_ids(self.tokenizer)
-
     # ------------------------------------------------------------------ generation
-
-    def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
-        """EOS + the prompt's ids (tokenizer defaults) per prompt: every prompt starts a document."""
-        ids = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
-        return [[self.tokenizer.eos_token_id, *row] for row in ids]
 
     def _generate(
         self, prompts: list[str], config: GenerationConfig, generator: torch.Generator | None
@@ -105,11 +94,7 @@ class ARTextPipeline(StepwiseGenerationMixin, TextGenerationMixin, DiffusionPipe
         """Prefill the prompts, then sample one token per step through the KV cache."""
         model = self.transformer
         device, vocab = model.device, model.config.vocab_size
-        rows = self.prompt_ids(prompts)
-        for i, row in enumerate(rows):
-            bad = [t for t in row if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt {i} holds token id {bad[0]} outside the vocabulary [0, {vocab})")
+        rows = self.prompt_ids(prompts, vocab)
         batch, longest = len(rows), max(len(r) for r in rows)
         room = model.config.max_seq_len - longest
         if room < 1:

@@ -40,7 +40,7 @@ from prior.pipelines.text_generation import GenerationStep, StepwiseGenerationMi
 from prior.sampling.config import GenerationConfig
 from prior.sampling.masked_diffusion import MaskedDiffusionSamplingConfig, masked_diffusion_blocks
 from prior.sampling.stopping import RowState, make_stop_rule
-from unimodal.tokenization import check_special_tokens, default_stop_token_ids, model_vocab_size
+from unimodal.tokenization import check_special_tokens, model_vocab_size
 
 
 @dataclass
@@ -88,15 +88,6 @@ class MDMTextPipeline(StepwiseGenerationMixin, TextGenerationMixin, DiffusionPip
     def _progress_total(self, config: GenerationConfig) -> int:  # blocks
         return math.ceil(config.max_new_tokens / self.config.block_length)
 
-    def stop_token_ids(self) -> list[int]:
-        """The default stop ids: EOS, and ``<|im_end|>`` when the vocabulary has it."""
-        return default_stop_token_ids(self.tokenizer)
-
-    def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
-        """EOS + the prompt's ids (tokenizer defaults) per prompt: every prompt starts a document."""
-        ids = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
-        return [[self.tokenizer.eos_token_id, *row] for row in ids]
-
     def _generate(
         self, prompts: list[str], config: GenerationConfig, generator: torch.Generator | None
     ) -> Iterator[GenerationStep]:
@@ -107,12 +98,7 @@ class MDMTextPipeline(StepwiseGenerationMixin, TextGenerationMixin, DiffusionPip
                 f"num_inference_steps={steps} must be in [1, block_length={block_len}] for masked diffusion "
                 "(each pass commits at least one token)"
             )
-        rows = self.prompt_ids(prompts)
-        vocab = self.mask_id
-        for i, row in enumerate(rows):
-            bad = [t for t in row if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt {i} holds token id {bad[0]} outside the vocabulary [0, {vocab})")
+        rows = self.prompt_ids(prompts, vocab=self.mask_id)  # the mask id is not a prompt token
         gen_len = math.ceil(config.max_new_tokens / block_len) * block_len
         longest = max(len(r) for r in rows)
         if longest + gen_len > self.transformer.config.max_seq_len:

@@ -18,6 +18,7 @@ import torch
 
 from prior.pipelines.folders import check_pipeline_class
 from prior.sampling.config import CONFIG_NAME, GenerationConfig
+from unimodal.tokenization import default_stop_token_ids
 
 
 @dataclass
@@ -68,6 +69,23 @@ class StepwiseGenerationMixin:
     ``__call__`` is built on the streaming path, so both give the same ids."""
 
     output_class: type
+
+    def stop_token_ids(self) -> list[int]:
+        """The default stop ids: EOS, and ``<|im_end|>`` when the vocabulary has it."""
+        return default_stop_token_ids(self.tokenizer)
+
+    def prompt_ids(self, prompts: list[str], vocab: int | None = None) -> list[list[int]]:
+        """EOS + the prompt's ids (tokenizer defaults) per prompt: every prompt starts a document.
+        With ``vocab``, an id outside ``[0, vocab)`` is one ValueError naming the prompt."""
+        rows = [
+            [self.tokenizer.eos_token_id, *row]
+            for row in self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        ]
+        for i, row in enumerate(rows if vocab is not None else []):
+            bad = [t for t in row if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt {i} holds token id {bad[0]} outside the vocabulary [0, {vocab})")
+        return rows
 
     def _progress_total(self, config: GenerationConfig) -> int:
         return config.max_new_tokens
