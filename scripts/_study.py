@@ -97,8 +97,10 @@ def train_variant(
     """Train (or resume to completion) one variant: ``config`` + ``overrides`` into ``run_dir``.
 
     Returns its config and the wall-clock seconds this call trained (0 when it was complete)."""
-    cfg = load_run_config(config, [])
+    cfg = load_run_config(config, list(overrides))
     extra = SMOKE.get(cfg.task, []) if smoke else []
+    if smoke and cfg.builds_vae and cfg.task != "vae":  # joint.mode=scratch builds a VAE too: a tiny one
+        extra = [*extra, *(o for o in SMOKE["vae"] if o.startswith(("vae.", "tokenizer.")))]
     cfg = load_run_config(config, [f"train.output_dir={run_dir}", "train.resume=latest", *overrides, *extra])
     trainers = {**TRAINERS, **MULTIMODAL_TRAINERS}
     start = time.perf_counter()

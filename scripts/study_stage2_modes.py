@@ -90,10 +90,6 @@ def main(argv: list[str] | None = None) -> dict:
         start = (
             scratch_overrides(VAES[vae_name]) if "scratch" in variant else [f"stage1={vae_runs[vae_name]}"]
         )
-        if args.smoke and "scratch" in variant:
-            start = [s for s in start if not s.startswith(("vae.dim", "vae.ffn_dim", "vae.num_heads", "vae.encoder_num",
-                     "vae.decoder_num", "tokenizer."))] + ["tokenizer.vocab_size=300", "vae.dim=32", "vae.ffn_dim=64",
-                     "vae.num_heads=2", "vae.encoder_num_blocks=1", "vae.decoder_num_blocks=1"]  # fmt: skip
         cfg, seconds = train_variant(
             CONFIGS / "cola_tiny.yaml", run, [*start, *overrides, *budget], smoke=args.smoke
         )
