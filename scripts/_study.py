@@ -38,7 +38,12 @@ import torch  # noqa: E402
 
 from prior.checkpoints.released import load_pipeline  # noqa: E402
 from prior.eval.samples import generation_report  # noqa: E402
-from prior.training.flow_matching import flow_loss_by_t  # noqa: E402
+from prior.training.flow_matching import (  # noqa: E402
+    FlowMatchingConfig,
+    build_2l_batch,
+    flow_loss_by_t,
+    predict_velocity,
+)
 from prior.training.multimodal_recipes import MULTIMODAL_TRAINERS  # noqa: E402
 from prior.training.recipes import TRAINERS  # noqa: E402
 from prior.training.run_config import RunConfig, load_run_config  # noqa: E402
@@ -153,12 +158,57 @@ def relative_flow_loss(
     enc = pipe.text_vae.eval().encode(ids)
     z0, valid = enc.latents, torch.ones(ids.shape[0], enc.latents.shape[1], dtype=torch.bool)
     bs = pipe.prior.config.block_size
+    history = pipe.prior.embed_history(ids) if pipe.prior.config.history == "tokens" else None
     out = {}
     for name, ctx in (("with_context", True), ("no_context", False)):
-        r = flow_loss_by_t(pipe.prior.eval(), z0, valid, list(t_values), with_context=ctx, block_size=bs)
+        r = flow_loss_by_t(
+            pipe.prior.eval(), z0, valid, list(t_values), with_context=ctx, block_size=bs, history=history
+        )
         ratios = (r.loss / r.baseline).tolist()
         out[name] = sum(ratios) / len(ratios)
         out[name + "_by_t"] = dict(zip(map(str, t_values), ratios))
+    return out
+
+
+@torch.no_grad()
+def clean_estimate_accuracy(
+    run: str | Path,
+    cfg: RunConfig,
+    rows: int = 32,
+    t_values: Sequence[float] = (0.5, 0.7, 0.9),
+    seed: int = 0,
+) -> dict:
+    """The token-level probe of a Cola run's prior: every block of held-out rows is noised to ``t``,
+    the prior's clean estimate ``x0 = z_t - t v`` of each block (with its clean history, or alone:
+    the CFG branch) is decoded by the VAE decoder after the block's real history, and the argmax
+    is scored against the real tokens (block 0 left out: it never has history). The same noise for
+    both; a self-conditioned prior is probed at its first step (no estimate fed back).
+    -> {"with_context": {t: acc}, "no_context": {t: acc}}."""
+    pipe = load_pipeline(run)
+    vae, prior = pipe.text_vae.eval(), pipe.prior.eval()
+    _, val_ds = build_text_datasets(cfg.data, pipe.tokenizer)
+    ids = torch.stack([val_ds[i]["input_ids"] for i in range(min(rows, len(val_ds)))])  # (B, L)
+    z0 = vae.encode(ids).latents  # (B, N, d)
+    (b, n, _), bs, p = z0.shape, prior.config.block_size, vae.config.patch_size
+    valid = torch.ones(b, n, dtype=torch.bool)
+    history = prior.embed_history(ids) if prior.config.history == "tokens" else None
+    flow = FlowMatchingConfig(prompt_block_prob=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    out: dict = {"with_context": {}, "no_context": {}}
+    for t in t_values:
+        eps = torch.randn(z0.shape, generator=gen)
+        for name, ctx in (("with_context", True), ("no_context", False)):
+            uncond = torch.full((b,), not ctx)
+            batch = build_2l_batch(z0, valid, bs, flow, t=torch.full((b, n), t), eps=eps, uncond=uncond,
+                                   history=history)  # fmt: skip
+            x0 = batch.x[:, n:] - t * predict_velocity(prior, batch)  # (B, N, d)
+            hits = total = 0
+            for start in range(bs, n, bs):
+                stop = min(start + bs, n)
+                logits = vae.decode(torch.cat((z0[:, :start], x0[:, start:stop]), dim=1)).logits
+                hits += int((logits[:, start * p :].argmax(-1) == ids[:, start * p : stop * p]).sum())
+                total += (stop - start) * p * b
+            out[name][str(t)] = hits / total
     return out
 
 
@@ -220,6 +270,7 @@ __all__ = [
     "SMOKE",
     "add_common_args",
     "beats",
+    "clean_estimate_accuracy",
     "common_settings",
     "plt",
     "pm",

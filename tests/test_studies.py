@@ -104,3 +104,14 @@ def test_cola_ar_mdm_study(study, runs, tmp_path):
     assert set(out) == {"cola", "ar", "mdm"}
     assert all(r["tokens_per_s"] > 0 and r["curve"] for r in out.values())
     check_outputs(tmp_path / "c", ["cola_ar_mdm.png"])
+
+
+def test_levers_study(study, tmp_path):
+    out = tmp_path / "l"
+    args = ["--smoke", "--output-dir", str(out), "--only", "default", "token_history", "paper_fixed"]
+    study("study_levers").main(args)
+    results = check_outputs(out, ["levers.png"])
+    assert set(results["variants"]) == {"default", "token_history", "paper_fixed"}
+    for r in results["variants"].values():
+        assert set(r["probe"]["with_context"]) == {"0.5", "0.7", "0.9"}
+        assert 0 <= r["stage1_probe"]["own"] <= 1 and r["steps"] == 2

@@ -130,6 +130,31 @@ def block_id_mask(
     return AttentionMask(mask_mod, q_blocks.shape[0], q_blocks.shape[1], k_blocks.shape[1], q_blocks.device)
 
 
+def windowed(
+    mask: AttentionMask, q_blocks: torch.Tensor, k_blocks: torch.Tensor, window: int
+) -> AttentionMask:
+    """``mask`` limited to keys whose block lies fewer than ``window`` blocks before the query's.
+
+    q_blocks: (B, Lq), k_blocks: (B, Lk) int block ids. Example, block-causal over 5 tokens
+    (block size 1), window 2 (x = may attend)::
+
+              k0 k1 k2 k3 k4
+        q0     x  .  .  .  .
+        q1     x  x  .  .  .
+        q2     .  x  x  .  .
+        q3     .  .  x  x  .
+        q4     .  .  .  x  x
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1 block, got {window}")
+    inner = mask.mask_mod
+
+    def mask_mod(b, h, q, kv):
+        return inner(b, h, q, kv) & (q_blocks[b, q] - k_blocks[b, kv] < window)
+
+    return AttentionMask(mask_mod, mask.batch, mask.q_len, mask.kv_len, mask.device)
+
+
 def causal_mask(
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,

@@ -30,6 +30,9 @@ Design choices
 * **Encoder context** (``encoder_context``): ``block`` (released) lets each latent attend block-causally
   to the tokens before it; ``token`` lets it see only its own patch, so with patch size 1 every token
   id has one latent, a fixed table (what the prior's categorical head mixes; an extension).
+* **Decoder history** (``decoder_window``, 0 = all, the release): with W > 0 the decoder attends
+  only to the latents of its own and the W - 1 previous blocks, so the latents must carry more of
+  their tokens themselves (a latent-geometry lever: the code the prior has to model depends on it).
 * **Latent normalisation, released quirk.** ``normalize(z) = (z - shifting_factor) * scaling_factor``
   is applied after encoding; the decoder consumes normalised latents and the inverse is never
   applied (training and inference alike).
@@ -54,7 +57,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from unimodal.attention import BACKENDS, Rotary, apply_rope, attention, rope_inv_freq, rotary
 from unimodal.kv_cache import KVCache
-from unimodal.masks import AttentionMask, block_causal_mask
+from unimodal.masks import AttentionMask, block_causal_mask, windowed
 
 POSTERIORS = ("diagonal", "logsnr")
 DECODER_LATENTS = ("sample", "mean")  # what the Stage-1 decoder reconstructs from
@@ -243,6 +246,7 @@ class TextVAE(ModelMixin, ConfigMixin):
         bert_mask_ratio: float = 0.15,
         decoder_latents: str = "sample",
         encoder_context: str = "block",
+        decoder_window: int = 0,
         init_std: float = 0.02,
         init_cutoff_factor: float = 3.0,
         attn_backend: str = "sdpa",
@@ -269,6 +273,8 @@ class TextVAE(ModelMixin, ConfigMixin):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 <= bert_mask_ratio < 1.0:
             raise ValueError(f"bert_mask_ratio must be in [0, 1), got {bert_mask_ratio}")
+        if decoder_window < 0:
+            raise ValueError(f"decoder_window must be >= 0 (0 = all history), got {decoder_window}")
         self.set_attn_backend(attn_backend)
         cfg = self.config
         out_dim = 2 * latent_dim if posterior == "diagonal" else latent_dim
@@ -413,6 +419,9 @@ class TextVAE(ModelMixin, ConfigMixin):
         else:
             k_pos, k_valid = positions, valid
         mask = block_causal_mask(positions, k_pos, self.config.block_size, valid, k_valid)
+        if self.config.decoder_window:  # the decoder sees only the last `decoder_window` blocks
+            bs = self.config.block_size
+            mask = windowed(mask, positions // bs, k_pos // bs, self.config.decoder_window)
         rope = rotary(positions, self._inv_freq(device), "neox")
         logits = self.decoder(latents, rope, mask, kv_cache, self.attn_backend)  # (B, N*p, V)
         if update_cache:

@@ -82,3 +82,57 @@ def evaluate_text_vae(
         robustness={t: correct[t] / total for t in t_values},
         num_tokens=total,
     )
+
+
+@dataclass
+class TokenProbeResult:
+    """Held-out accuracy of a linear classifier reading token ids from single latents."""
+
+    accuracy: dict[int, float]  # offset -> accuracy of predicting token j + offset from latent j
+    majority: float  # accuracy of always predicting the most frequent training token
+
+
+def _with_bias(z: torch.Tensor) -> torch.Tensor:
+    """(B, L, d) -> (B*L, d + 1) features with a constant column."""
+    flat = z.flatten(0, 1)
+    return torch.cat((flat, torch.ones_like(flat[:, :1])), dim=1)
+
+
+def token_probe(
+    vae: TextVAE,
+    train_ids: torch.Tensor,
+    val_ids: torch.Tensor,
+    offsets: Sequence[int] = (0, -1),
+    ridge: float = 1e-3,
+) -> TokenProbeResult:
+    """How linearly decodable token identity is from each latent (patch size 1: latent j <-> token j).
+
+    For every ``offset`` a linear classifier ``[z_j, 1] W`` is fitted in closed form (ridge least
+    squares onto one-hot targets, ``ridge`` x the mean feature energy) on the latents of
+    ``train_ids`` (B, L) to the token at ``j + offset``, and its argmax is scored on ``val_ids``:
+    offset 0 asks whether a latent names its own token, offset -1 how much of the previous token it
+    carries (a contextual encoder's history). The latent is the normalised posterior mode, what the
+    prior models. fp64 normal equations, no autocast."""
+    if vae.config.patch_size != 1:
+        raise ValueError(
+            f"token_probe reads one token per latent: patch_size must be 1, got {vae.config.patch_size}"
+        )
+    with torch.no_grad():
+        z_tr = vae.eval().encode(train_ids).latents.double()  # (B, L, d)
+        z_va = vae.encode(val_ids).latents.double()
+        vocab = vae.config.vocab_size
+        counts = torch.bincount(train_ids.flatten(), minlength=vocab)
+        majority = float((val_ids == counts.argmax()).float().mean())
+        out = {}
+        for off in offsets:
+            lo, hi = max(0, -off), train_ids.shape[1] - max(0, off)  # latent positions with a target
+            x_tr, y_tr = _with_bias(z_tr[:, lo:hi]), train_ids[:, lo + off : hi + off].flatten()
+            x_va, y_va = _with_bias(z_va[:, lo:hi]), val_ids[:, lo + off : hi + off].flatten()
+            gram = x_tr.T @ x_tr  # (d+1, d+1)
+            gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+            xty = torch.zeros(x_tr.shape[1], vocab, dtype=x_tr.dtype).index_add_(
+                1, y_tr, x_tr.T
+            )  # X^T onehot
+            weights = torch.linalg.solve(gram, xty)  # (d+1, V)
+            out[off] = float(((x_va @ weights).argmax(-1) == y_va).float().mean())
+    return TokenProbeResult(out, majority)

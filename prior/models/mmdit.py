@@ -43,6 +43,13 @@ Design choices
   ``x0 = softmax(logits) @ token_latents`` (the latent of every token id, a buffer the recipe fills
   from a token-local Text VAE) and returns the velocity that estimate implies,
   ``(z_t - x0) / t``: the sampler and CFG see a velocity either way, the trainer a cross-entropy.
+* **Two extensions of the input** (issue levers; off by default, the release unchanged):
+  ``self_condition`` adds ``embed_self_cond(x0_prev)``, the previous step's clean estimate through a
+  zero-initialised linear (Chen et al.'s self-conditioning; the trainer feeds a no-grad first
+  pass's estimate to half the batches, the sampler the last Euler step's); ``history="tokens"``
+  gives the prior a learned ``history_embed`` (vocab_size, C): callers put ``embed_history(ids)``
+  where the clean latents of finished blocks would go (the 2L clean copy, the prompt, every
+  commit), so the history is read as token embeddings, as continuous-token AR models do.
 * **Per-run constants.** An :class:`AdaLNCache` passed by the sampler keeps the timestep
   embedding and adaLN outputs of the K grid values (and of t = 0) after their first use, so later
   blocks skip the timestep MLP and every adaLN linear.
@@ -68,6 +75,7 @@ from unimodal.kv_cache import KVCache
 from unimodal.masks import AttentionMask, block_id_mask
 
 PREDICTIONS = ("velocity", "categorical")
+HISTORIES = ("latents", "tokens")  # what the clean copy of earlier blocks carries
 
 Tensors = torch.Tensor | dict[str, torch.Tensor]
 
@@ -255,6 +263,8 @@ class MMDiT(ModelMixin, ConfigMixin):
         prediction: str = "velocity",
         vocab_size: int = 0,
         rope_axes: int = 1,
+        self_condition: bool = False,
+        history: str = "latents",
     ):
         super().__init__()
         modalities, in_channels = list(modalities), list(in_channels)
@@ -279,8 +289,18 @@ class MMDiT(ModelMixin, ConfigMixin):
             raise ValueError(f"unknown attn_backend {attn_backend!r}; expected one of {BACKENDS}")
         if min(width, heads, head_dim, num_layers, block_size, *in_channels) < 1:
             raise ValueError("width, heads, head_dim, num_layers, block_size, in_channels must be >= 1")
+        if history not in HISTORIES:
+            raise ValueError(f"unknown history {history!r}; expected one of {HISTORIES}")
+        if (self_condition or history == "tokens") and modalities != ["text"]:
+            raise ValueError(f"self_condition / history='tokens' need modalities ['text'], got {modalities}")
+        if history == "tokens" and vocab_size < 1:
+            raise ValueError(f"history='tokens' needs vocab_size >= 1, got {vocab_size}")
         mlp_hidden = round(width * mlp_ratio)
         self.embed_in = nn.ModuleDict({m: nn.Linear(c, width) for m, c in zip(modalities, in_channels)})
+        if self_condition:  # the previous clean estimate, added to the input embedding (zero-init)
+            self.embed_self_cond = nn.Linear(in_channels[0], width, bias=False)
+        if history == "tokens":  # a learned clean "latent" per token id, for the history of earlier blocks
+            self.history_embed = nn.Embedding(vocab_size, in_channels[0])
         self.time_embed = TimestepEmbedding(width)
         self.blocks = nn.ModuleList(
             MMDiTBlock(modalities, width, heads, head_dim, mlp_hidden, norm_eps, qk_bias, layer=i)
@@ -310,6 +330,8 @@ class MMDiT(ModelMixin, ConfigMixin):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):  # history_embed: unit scale, like the latents
+                nn.init.normal_(module.weight)
         for block in self.blocks:
             for stream in block.streams.values():  # the released four heads are four matrices
                 for rows in stream.ada.weight.split([2 * width, width, 2 * width, width]):
@@ -320,6 +342,8 @@ class MMDiT(ModelMixin, ConfigMixin):
             for layer in zero:
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
+        if self.config.self_condition:  # a self-conditioned prior starts as the plain one
+            nn.init.zeros_(self.embed_self_cond.weight)
 
     def compile_streams(self, freezing: bool = True, dynamic: bool = True) -> None:
         """``torch.compile`` the tensor-only halves of every stream (:meth:`Stream.attention_inputs`,
@@ -409,6 +433,7 @@ class MMDiT(ModelMixin, ConfigMixin):
         rope_positions: Tensors | None = None,
         commit_tokens: int | None = None,
         adaln_cache: AdaLNCache | None = None,
+        self_cond: torch.Tensor | None = None,
     ) -> MMDiTOutput:
         """Velocity of the latents ``x`` at per-token ``timestep`` (0..1000).
 
@@ -431,6 +456,8 @@ class MMDiT(ModelMixin, ConfigMixin):
         (higher block ids), so their keys equal a separate commit pass's, and only they are kept.
         adaln_cache: reuse the timestep embedding and adaLN outputs of timestep sets seen before
         (:class:`AdaLNCache`; sampling only, the weights must not change while it lives).
+        self_cond: (B, L, C) the previous clean estimate of every token (``self_condition=True``;
+        None = zeros: the first step, clean tokens).
         """
         xs = self._segments(x)
         first = next(iter(xs.values()))
@@ -493,6 +520,12 @@ class MMDiT(ModelMixin, ConfigMixin):
             parts = index.split([v.shape[1] for v in xs.values()], dim=1)
             cs = {m: Conditioning(table, i, memo) for m, i in zip(xs, parts)}
         h = {m: self.embed_in[m](v) for m, v in xs.items()}  # {m: (B, L_m, D)}
+        if self_cond is not None:
+            if not self.config.self_condition or self_cond.shape != first.shape:
+                raise ValueError(
+                    f"self_cond {tuple(self_cond.shape)} needs self_condition=True and the shape of x {tuple(first.shape)}"
+                )
+            h["text"] = h["text"] + self.embed_self_cond(self_cond.to(first.dtype))
         rope = self._rotary(positions, rope_positions, xs, inv_freq) if inv_freq.numel() else None
         ctx = _AttnContext(
             positions, attn_mask, rope, self.config.attn_backend, kv_cache, update_cache, n, mask_alone
@@ -528,6 +561,12 @@ class MMDiT(ModelMixin, ConfigMixin):
         angles = coords.float()[:, None, :, :, None] * inv_freq.to(positions.device)  # (B, 1, L, A, R/2A)
         angles = angles.flatten(-2).repeat_interleave(2, dim=-1)  # (B, 1, L, R): pairs share an angle
         return Rotary(angles.cos(), angles.sin(), "interleaved")
+
+    def embed_history(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, L, C): the clean inputs of a ``history="tokens"`` prior's earlier blocks."""
+        if self.config.history != "tokens":
+            raise ValueError(f"embed_history needs history='tokens', this prior has {self.config.history!r}")
+        return self.history_embed(ids)
 
     def set_token_latents(self, table: torch.Tensor) -> None:
         """The categorical head's latent of every token id, (V, C) (the VAE's latent of each token)."""

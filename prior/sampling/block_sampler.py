@@ -39,6 +39,11 @@ Design choices
   both branches keep one batched forward. The released loop makes ``2K + 1`` passes per block.
   ``guidance_interval=[lo, hi]`` applies guidance only at steps whose noise level is in it (the
   other steps run the conditional branch alone); ``noise_scale`` scales the initial noise.
+* **Prior extensions** (off in the release): a ``self_condition`` prior gets each Euler step's
+  clean estimate ``x - t v`` (guided ``v``) at the next step of the block (none at the first); a
+  ``history="tokens"`` prior is committed ``embed_history`` of the prompt's ids and of every block's
+  sampled ids (pinned prompt ids in the first block) instead of the clean latents, so a block is
+  decoded and sampled before it is committed.
 * **First block** when the prompt does not end on a block boundary (``first_block``):
 
   - ``clean_repaint`` (default): the prefix is the prompt's whole blocks; the first block's known
@@ -188,6 +193,12 @@ class BlockSampler:
                 f"no text stream of the VAE latent_dim {self.latent_dim}"
             )
         self.multimodal = len(channels) > 1  # the prior takes {modality: latents}
+        self.history_tokens = getattr(prior.config, "history", "latents") == "tokens"  # embed_history(ids)
+        self.self_condition = bool(getattr(prior.config, "self_condition", False))
+        if self.history_tokens and self.patch_size != 1:
+            raise ValueError(
+                f"a history='tokens' prior needs patch size 1, the text modality has {self.patch_size}"
+            )
         self._dtype = prior.dtype  # read once: diffusers' ModelMixin.dtype walks the parameters
         self._adaln_cache = AdaLNCache()  # per run (_new_run): the weights must not change inside one
         if self.block_size % text.vae.config.block_size:
@@ -309,6 +320,20 @@ class BlockSampler:
         known_mask = torch.arange(bs, device=device)[None] < pinned[:, None]  # (B, bs)
         return prefix, prefix_valid, known, known_mask
 
+    @staticmethod
+    def _history_ids(
+        rows: list[RowState], start: int, length: int, device, offset: bool = False
+    ) -> torch.Tensor:
+        """(B, length) the ids each row encodes from ``start`` (``offset``: from its prefix end, the
+        pinned part of the first block), 0 past their end (those slots are masked or overwritten)."""
+        out = torch.zeros(len(rows), length, dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
+            lo = start + (r.prefix if offset else 0)
+            ids = list(r.encode_ids[lo : lo + length])
+            if ids:
+                out[i, : len(ids)] = torch.tensor(ids, device=device)
+        return out
+
     # ------------------------------------------------------------------ the block loop
 
     @torch.no_grad()
@@ -338,7 +363,9 @@ class BlockSampler:
             positions = torch.arange(prefix.shape[1], device=device).expand(batch, -1)  # (B, P)
             blocks = None if context is None else blk0 + positions // bs
             shifted = positions if context is None else pos0 + positions
-            pending = _Pending(prefix, shifted, prefix_valid, blocks)
+            history = self._history_ids(rows, 0, prefix.shape[1], device) if self.history_tokens else None
+            history = prefix if history is None else self.prior.embed_history(history).float()
+            pending = _Pending(history, shifted, prefix_valid, blocks)
             if not cfg.merge_commit:
                 calls += self._commit(pending, prior_cache)
                 pending = None
@@ -360,15 +387,21 @@ class BlockSampler:
                 eps, shifted, w, pin, prior_cache, k, step_callback, block_ids=blocks, pending=pending
             )
             calls += steps
-            # 3. commit the block to the prior cache (merged: in the next block's first step),
-            # decode it with the VAE decoder's cache
-            pending = _Pending(x, shifted, torch.ones(batch, bs, dtype=torch.bool, device=device), blocks)
+            # 3. decode the block with the VAE decoder's cache, sample its tokens
+            logits = text.decode_logits(x, positions, decoder_cache, update_cache=True)
+            ids = self._sample(logits, seen, generator)  # (B, bs*p)
+            # 4. commit it to the prior cache (merged: in the next block's first step); a history="tokens"
+            # prior reads the block's tokens (the prompt's where they are pinned) through embed_history
+            clean = x
+            if self.history_tokens:
+                known_ids = self._history_ids(rows, 0, bs, device, offset=True) if k == 0 else ids
+                clean = self.prior.embed_history(torch.where(known_mask, known_ids, ids) if k == 0 else ids)
+            ones = torch.ones(batch, bs, dtype=torch.bool, device=device)
+            pending = _Pending(clean.float(), shifted, ones, blocks)
             if not cfg.merge_commit:
                 calls += self._commit(pending, prior_cache)
                 pending = None
-            logits = text.decode_logits(x, positions, decoder_cache, update_cache=True)
-            # 4. sample tokens, apply the stop rule
-            ids = self._sample(logits, seen, generator)  # (B, bs*p)
+            # 5. apply the stop rule
             new_tokens = [
                 rule.take(row, ids[i].tolist(), row.trim if k == 0 else 0) for i, row in enumerate(rows)
             ]
@@ -427,6 +460,7 @@ class BlockSampler:
         )
         self.set_grid(sched, cfg, eps.device)
         x = eps.clone()
+        x0_prev = None  # a self-conditioned prior's previous clean estimate (None: zeros)
         any_guidance, sigmas = bool((w != 1).any()), sched.sigmas.tolist()
         for s, t in enumerate(sched.timesteps):
             guided = any_guidance and lo <= sigmas[s] <= hi  # CFG at this noise level
@@ -450,15 +484,18 @@ class BlockSampler:
                     torch.cat((x, x)), torch.cat((t_in, t_in)), torch.cat((positions, alone)), cache,
                     context_free_rows=batch, block_ids=both_blocks, modality=modality,
                     rope_positions=None if rope is None else torch.cat(rope),
+                    self_cond=None if x0_prev is None else torch.cat((x0_prev, x0_prev)),
                 )  # fmt: skip
                 v_c, v_u = v_all.chunk(2)
                 v = w[:, None, None] * (v_c - v_u) + v_u  # (B, bs, d)
             else:
                 v_c = v = self._prior(
                     x, t_in, positions, cache, block_ids=block_ids, modality=modality,
-                    rope_positions=None if rope is None else rope[0],
+                    rope_positions=None if rope is None else rope[0], self_cond=x0_prev,
                 )  # fmt: skip
                 v_u = None
+            if self.self_condition:
+                x0_prev = x - (tt[..., None] / 1000.0) * v  # (B, bs, d) the clean estimate at this step
             x_new = sched.step(v, t, x).prev_sample
             if clean:
                 x_new = torch.where(mask[..., None], known, x_new)
@@ -501,10 +538,13 @@ class BlockSampler:
     def _prior(
         self, x, t, positions, cache: KVCache, update: bool = False, valid=None, context_free_rows: int = 0,
         block_ids=None, modality: str = "text", rope_positions=None, commit_tokens: int | None = None,
+        self_cond=None,
     ) -> torch.Tensor:  # fmt: skip
         # one prior forward of one segment: x (B, L, d) fp32 -> velocity (B, L, d) fp32
         x = x.to(self._dtype)
         extra = {"adaln_cache": self._adaln_cache}
+        if self_cond is not None:
+            extra["self_cond"] = self_cond.to(self._dtype)
         if rope_positions is not None:
             extra["rope_positions"] = rope_positions
         if commit_tokens is not None:

@@ -34,6 +34,14 @@ Design choices
   block ids (``position // block_size``) that the mask is built from, and the whole batch in one
   layout. ``tests/test_flow_matching.py`` checks the equivalence on a RoPE attention stand-in.
   Default 0 (released): block 0 of every row already trains the unconditional branch.
+* **Mixed block sizes** (``block_sizes`` / ``block_size_probs``, released pretraining option, off by
+  default): each call draws the layout's block size from the list, so the prior learns blocks of
+  several sizes; the sampler keeps the prior's ``block_size``.
+* **Self-conditioning** (``flow_matching_loss(self_condition=True)`` for a prior built with
+  ``self_condition``): with probability ``self_cond_prob`` a batch first runs without gradient and
+  the noisy half's clean estimate ``z_t - t v`` is fed back through ``self_cond`` (zeros on the clean
+  copy), the sampler's situation at every step after a block's first; otherwise none is fed (the
+  first step's situation).
 * **Loss** (released): per-token MSE averaged over channels, masked mean over the noisy tokens
   of the whole batch (``sum(mse * mask) / sum(mask)``). ``loss_weighting="baseline"`` multiplies
   each token by ``(1-t)^2 + t^2``, i.e. measures it in units of the unit-Gaussian baseline below.
@@ -75,6 +83,11 @@ class FlowMatchingConfig:
     p_uncond: float = 0.0  # per sample: noisy blocks cut off from the clean context (CFG dropout)
     loss_weighting: str = "none"  # "none" | "baseline" (x ((1-t)^2 + t^2))
     t_buckets: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])  # log edges
+    # mixed block sizes (released pretraining option): each batch draws its layout's block size from
+    # these with block_size_probs; null = always the prior's block_size (what the sampler uses)
+    block_sizes: list[int] | None = None
+    block_size_probs: list[float] | None = None
+    self_cond_prob: float = 0.5  # a self-conditioned prior (prior.self_condition): batches fed an estimate
 
     def __post_init__(self) -> None:
         if self.time_sampling not in TIME_SAMPLINGS:
@@ -83,7 +96,15 @@ class FlowMatchingConfig:
             raise ValueError(f"loss_weighting={self.loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}")
         if self.scale <= 0:
             raise ValueError(f"scale must be > 0, got {self.scale}")
-        for name in ("prompt_block_prob", "p_uncond"):
+        if (self.block_sizes is None) != (self.block_size_probs is None):
+            raise ValueError("block_sizes and block_size_probs go together (both null or both lists)")
+        if self.block_sizes is not None:
+            sizes, probs = list(self.block_sizes), list(self.block_size_probs)
+            if not sizes or len(sizes) != len(probs) or min(sizes) < 1 or min(probs) < 0:
+                raise ValueError(f"block_sizes {sizes} / block_size_probs {probs}: one p >= 0 per size >= 1")
+            if abs(sum(probs) - 1.0) > 1e-6:
+                raise ValueError(f"block_size_probs must sum to 1, got {sum(probs)}")
+        for name in ("prompt_block_prob", "p_uncond", "self_cond_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         edges = list(self.t_buckets)
@@ -107,6 +128,10 @@ def _gen_device(generator: torch.Generator | None, device: torch.device) -> torc
     return generator.device if generator is not None else device
 
 
+def _draw_uniform(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    return torch.rand((), generator=generator, device=_gen_device(generator, device))
+
+
 def sample_t(
     shape: tuple[int, ...],
     cfg: FlowMatchingConfig,
@@ -121,6 +146,19 @@ def sample_t(
         return torch.rand(shape, generator=generator, device=gdev).to(device)
     n = torch.randn(shape, generator=generator, device=gdev).to(device)
     return torch.sigmoid(resolve_loc(cfg, latent_dim) + cfg.scale * n)
+
+
+def draw_block_size(
+    cfg: FlowMatchingConfig, block_size: int, generator: torch.Generator | None = None
+) -> int:
+    """The block size of one batch's layout: ``block_size`` (the prior's), or one of ``cfg.block_sizes``
+    drawn with ``cfg.block_size_probs`` (one draw on the generator's device, so on the CPU by default)."""
+    if cfg.block_sizes is None:
+        return block_size
+    probs = torch.tensor(cfg.block_size_probs, dtype=torch.float32)
+    gen_cpu = generator if generator is None or generator.device.type == "cpu" else None
+    pick = torch.multinomial(probs, 1, generator=gen_cpu).item()
+    return int(cfg.block_sizes[pick])
 
 
 # ----------------------------------------------------------------------------- path
@@ -207,6 +245,7 @@ def build_2l_batch(
     eps: torch.Tensor | None = None,
     uncond: torch.Tensor | None = None,
     target_mask: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
 ) -> TwoLBatch:
     """Lay out ``[z0 ; z_t]`` with per-block t, prompt pieces and condition dropout.
     ``target_mask`` (B, N) bool: only these latents are loss targets (e.g. assistant turns in SFT);
@@ -214,10 +253,13 @@ def build_2l_batch(
 
     z0: (B, N, d) clean latents; valid: (B, N) bool (a prefix per row); ``block_size``: latents per
     prior block (the prior's own). Overrides (diagnostics, tests): ``t`` (B, N) per-token times
-    (then no prompt pieces are drawn), ``eps`` (B, N, d), ``uncond`` (B,) bool. Random draws, in
-    order: t per block, eps, prompt splits, uncond rows.
+    (then no prompt pieces are drawn), ``eps`` (B, N, d), ``uncond`` (B,) bool. ``history`` (B, N, d):
+    what the clean copy carries instead of ``z0`` (a ``history="tokens"`` prior's token embeddings).
+    Random draws, in order: t per block, eps, prompt splits, uncond rows.
     """
     _check_latents(z0, valid)
+    if history is not None and history.shape != z0.shape:
+        raise ValueError(f"history must be {tuple(z0.shape)} like z0, got {tuple(history.shape)}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     bsz, n, d = z0.shape
@@ -263,7 +305,7 @@ def build_2l_batch(
     if cut:  # no host sync on uncond
         mask = cut_clean_context(mask, noisy, uncond)
     return TwoLBatch(
-        x=torch.cat([z0, path.z_t], dim=1),  # (B, 2N, d)
+        x=torch.cat([z0 if history is None else history.to(z0.dtype), path.z_t], dim=1),  # (B, 2N, d)
         timestep=torch.cat([torch.zeros_like(t_tok), 1000.0 * t_tok], dim=1),  # (B, 2N)
         positions=positions,
         valid=valid2,
@@ -347,12 +389,17 @@ def velocity_loss(
     return FlowLoss(loss, mse.detach(), batch.t, mask, edges, bucket_loss, bucket_base, counts)
 
 
-def predict(prior: nn.Module, batch: TwoLBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+def predict(
+    prior: nn.Module, batch: TwoLBatch, self_cond: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the prior on the 2L layout: the noisy-half velocity (B, N, d) and, for a categorical
-    prior, its logits (B, N, V) (else None)."""
+    prior, its logits (B, N, V) (else None). ``self_cond`` (B, 2N, d): a self-conditioned prior's
+    previous clean estimates (zeros on the clean copy)."""
+    extra = {} if self_cond is None else {"self_cond": self_cond}
     out = prior(
-        batch.x, batch.timestep, positions=batch.positions, valid=batch.valid, attn_mask=batch.attn_mask
-    )
+        batch.x, batch.timestep, positions=batch.positions, valid=batch.valid, attn_mask=batch.attn_mask,
+        **extra,
+    )  # fmt: skip
     n = batch.target.shape[1]
     logits = getattr(out, "logits", None)  # only a categorical prior has logits
     return out.velocity[:, n:], None if logits is None else logits[:, n:]
@@ -372,6 +419,8 @@ def flow_matching_loss(
     generator: torch.Generator | None = None,
     targets: torch.Tensor | None = None,
     target_mask: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
+    self_condition: bool = False,
 ) -> FlowLoss:
     """One teacher-forcing forward of ``prior`` on ``[z0 ; z_t]`` and the released masked MSE.
 
@@ -379,9 +428,21 @@ def flow_matching_loss(
     A categorical prior (``MMDiT(prediction="categorical")``) is trained instead by the token
     cross-entropy of its logits against ``targets`` (B, N), the token id of every latent, on the
     same noisy tokens (CDCD's score interpolation); the velocity MSE stays as a diagnostic.
-    ``target_mask`` (B, N): the latents that are loss targets (default: every valid one)."""
-    batch = build_2l_batch(z0, valid, block_size, cfg, generator, target_mask=target_mask)
-    velocity, logits = predict(prior, batch)
+    ``target_mask`` (B, N): the latents that are loss targets (default: every valid one).
+    ``history`` (B, N, d): the clean copy's inputs instead of ``z0`` (``history="tokens"`` priors).
+    ``self_condition``: the prior takes ``self_cond``; with probability ``cfg.self_cond_prob`` the batch
+    first runs without gradient and feeds the noisy half's clean estimate ``z_t - t v`` back in.
+    With ``cfg.block_sizes`` the layout's block size is drawn per call (:func:`draw_block_size`)."""
+    block_size = draw_block_size(cfg, block_size, generator)
+    batch = build_2l_batch(z0, valid, block_size, cfg, generator, target_mask=target_mask, history=history)
+    self_cond = None
+    if self_condition and float(_draw_uniform(generator, z0.device)) < cfg.self_cond_prob:
+        with torch.no_grad():
+            n = z0.shape[1]
+            z_t, t = batch.x[:, n:].float(), batch.t[..., None]  # (B, N, d), (B, N, 1)
+            x0 = z_t - t * predict(prior, batch)[0].float()  # (B, N, d)
+        self_cond = torch.cat([torch.zeros_like(x0), x0], dim=1).to(z0.dtype)  # (B, 2N, d)
+    velocity, logits = predict(prior, batch, self_cond)
     result = velocity_loss(velocity, batch, cfg, z0)
     result.velocity, result.batch = velocity, batch
     if logits is not None:
@@ -420,6 +481,7 @@ def flow_loss_by_t(
     block_size: int = 16,
     seed: int = 0,
     skip_first_block: bool = True,
+    history: torch.Tensor | None = None,
 ) -> FlowLossByT:
     """Loss of ``prior`` with every block at each fixed ``t``, with or without the clean context.
 
@@ -427,6 +489,7 @@ def flow_loss_by_t(
     with ``with_context=True`` and one with ``False`` see identical (z_t, target) pairs and their
     difference is the value of the history. Block 0 never has context; ``skip_first_block``
     leaves it out of both. No prompt pieces. Run the prior in eval mode for a clean measurement.
+    ``history``: the clean copy's inputs for a ``history="tokens"`` prior (its token embeddings).
     """
     _check_latents(z0, valid)
     cfg = FlowMatchingConfig(prompt_block_prob=0.0)
@@ -442,7 +505,7 @@ def flow_loss_by_t(
     for tv in ts.tolist():
         eps = torch.randn(z0.shape, generator=gen, device=z0.device, dtype=z0.dtype)
         t_tok = torch.full((bsz, n), tv, device=z0.device)
-        batch = build_2l_batch(z0, valid, block_size, cfg, t=t_tok, eps=eps, uncond=uncond)
+        batch = build_2l_batch(z0, valid, block_size, cfg, t=t_tok, eps=eps, uncond=uncond, history=history)
         mse = (predict_velocity(prior, batch).float() - batch.target.float()).pow(2).mean(-1)  # (B, N)
         losses.append((mse * keep).sum() / keep.sum().clamp_min(1))
     return FlowLossByT(

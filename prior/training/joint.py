@@ -282,22 +282,22 @@ class ColaModel(nn.Module):
             prior = detached_call(self.prior)
         else:
             prior = None
+        config = self.prior.config
+        extra = {"self_condition": bool(getattr(config, "self_condition", False))}
+        if getattr(config, "history", "latents") == "tokens":  # the clean copy: token embeddings
+            history = self.prior.embed_history(input_ids)  # (B, N, d); patch size 1
+            extra["history"] = history if train_prior else history.detach()
         if prior is None:
             with torch.no_grad():
                 flow = flow_matching_loss(
-                    self.prior,
-                    z0,
-                    encoded.valid,
-                    self.block_size,
-                    self.flow_cfg,
-                    generator,
-                    targets,
-                    target_mask,
-                )
+                    self.prior, z0, encoded.valid, self.block_size, self.flow_cfg, generator, targets,
+                    target_mask, **extra,
+                )  # fmt: skip
         else:
             flow = flow_matching_loss(
-                prior, z0, encoded.valid, self.block_size, self.flow_cfg, generator, targets, target_mask
-            )
+                prior, z0, encoded.valid, self.block_size, self.flow_cfg, generator, targets, target_mask,
+                **extra,
+            )  # fmt: skip
             total = total + cfg.prior_weight * flow.loss
             if cfg.aux_decoder_weight > 0:
                 aux = self._aux_decoder_loss(flow, input_ids, valid)

@@ -172,6 +172,10 @@ def build_cola_model(cfg: RunConfig, run_dir: Path) -> tuple[ColaModel, PreTrain
     kwargs = prior_kwargs(cfg, vae.config.latent_dim)
     if kwargs["prediction"] == "categorical":
         _check_categorical(cfg, vae)
+    if kwargs["history"] == "tokens" and vae.config.patch_size != 1:
+        raise ConfigError(
+            f"prior.history=tokens needs vae patch_size=1 (a latent per token), got {vae.config.patch_size}"
+        )
     prior = build_prior(kwargs, vae, cfg.train.seed)
     if source is not None:
         load_init_weights(prior, source.prior, cfg.init_from)
@@ -194,10 +198,11 @@ def load_init_weights(prior: torch.nn.Module, source: torch.nn.Module, where: st
 
 
 def build_prior(kwargs: dict, vae: TextVAE, seed: int) -> MMDiT:
-    """``MMDiT(**kwargs)`` seeded by ``seed``; a categorical prior gets ``vocab_size`` derived from the
-    Text VAE (checked) and the VAE's latent of every token id as its table."""
+    """``MMDiT(**kwargs)`` seeded by ``seed``; a categorical prior (and one reading its history as
+    tokens) gets ``vocab_size`` derived from the Text VAE (checked); a categorical prior also gets the
+    VAE's latent of every token id as its table."""
     categorical = kwargs["prediction"] == "categorical"
-    if categorical:
+    if categorical or kwargs["history"] == "tokens":
         kwargs = _derive({**kwargs, "vocab_size": kwargs["vocab_size"] or None}, "prior", "vocab_size",
                          vae.config.vocab_size, "the VAE's vocab_size")  # fmt: skip
     torch.manual_seed(seed)
