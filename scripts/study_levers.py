@@ -14,8 +14,9 @@ training seeds, so the run-to-run spread is visible), (a) hygiene: EMA off, warm
 (d) self-conditioning; (g) the paper recipe, ``fixed_vae`` vs ``joint``; (h) latent geometry:
 latent dim 8 / 4, KL weight x100, a decoder without history (``vae.decoder_window=1``, on the
 contextual VAE of the paper recipe); (i) block sizes mixed during training; (j) token-embedding
-history. The levers measured at 9.5 minutes in README "Quality at toy scale" ((b) block size,
-(c) the auxiliary decoder loss, (e) ``p_uncond``, (f) sampler settings, (k) the categorical head,
+history; and sampler-side settings on the trained default (f): noise scale, latents projected onto
+the encoder's output sphere, guidance only at high or low t. The levers measured at 9.5 minutes in README "Quality at toy scale" ((b) block size,
+(c) the auxiliary decoder loss, (e) ``p_uncond``, (f) noise scale and CFG weight, (k) the categorical head,
 Muon) are not repeated here.
 
 Two processes can share the machine (``--part 0/2`` and ``--part 1/2``, one thread each, so every
@@ -25,7 +26,7 @@ to train them all before), and ``--report`` gathers every finished variant into 
     python scripts/study_levers.py --stage1-only
     OMP_NUM_THREADS=1 python scripts/study_levers.py --part 0/2 &
     OMP_NUM_THREADS=1 python scripts/study_levers.py --part 1/2; wait
-    python scripts/study_levers.py --report
+    python scripts/study_levers.py --only default --sampler   # sampler-side rows (f), then the report
 """
 
 from __future__ import annotations
@@ -83,6 +84,12 @@ VARIANTS = [  # key, lever, label, Stage-1 run, cola_tiny.yaml overrides
     ("paper_joint", "g", "paper recipe, joint (Joint DiT x1)", "vae_ctx", ["joint.mode=joint"]),
     ("paper_no_dec_history", "h", "paper recipe, decoder without history (window 1)", "vae_ctx_w1", []),
 ]  # fmt: skip
+SAMPLER = [  # key, lever, label, generation overrides: sampled from the `default` run (no training)
+    ("noise_1", "f", "default, noise scale 1.0 (the recipe's: 0.5)", {"noise_scale": 1.0}),
+    ("project", "f", "default, each block projected onto the encoder's output sphere", {"project_latents": True}),
+    ("cfg_high_t", "f", "default, guidance only at t in [0.5, 1]", {"guidance_interval": [0.5, 1.0]}),
+    ("cfg_low_t", "f", "default, guidance only at t in [0, 0.5]", {"guidance_interval": [0.0, 0.5]}),
+]  # fmt: skip
 T_PROBE = (0.5, 0.7, 0.9)
 
 
@@ -127,10 +134,25 @@ def run_variant(args, key: str, stage1_name: str, overrides: list[str]) -> None:
     print(f"{key}: {result['steps']} steps, in-vocab {result['samples']['in_vocab']:.3f}", flush=True)
 
 
+def run_sampler_variant(args, key: str, generation: dict) -> None:
+    """A sampler setting on the trained `default` run: new sample figures, the prior's probes as they are."""
+    out = Path(args.output_dir)
+    if (out / key / "levers.json").exists():
+        return
+    base = json.loads((out / "default" / "levers.json").read_text())
+    cfg = load_run_config(out / "default" / "config.yaml")
+    samples = sample_figures(out / "default", cfg, args.num_prompts, args.seeds, **generation)
+    (out / key).mkdir(parents=True, exist_ok=True)
+    result = {**base, "samples": samples, "generation": generation, "train_seconds": 0.0}
+    (out / key / "levers.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{key}: in-vocab {samples['in_vocab']:.3f}", flush=True)
+
+
 def report(args) -> None:
     out = Path(args.output_dir)
+    rows_in_order = [*VARIANTS[:2], *((k, lv, lb, None, None) for k, lv, lb, _ in SAMPLER), *VARIANTS[2:]]
     done = [(v, json.loads((out / v[0] / "levers.json").read_text()))
-            for v in VARIANTS if (out / v[0] / "levers.json").exists()]  # fmt: skip
+            for v in rows_in_order if (out / v[0] / "levers.json").exists()]  # fmt: skip
     if not done:
         raise SystemExit(f"no finished variant under {out}")
     headers = ["lever", "variant", "steps", "in-vocab", "distinct-2", "bigram lp", "ctx sens.",
@@ -193,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", nargs="+", default=None, help="variant keys to run (default: all)")
     p.add_argument("--stage1-only", action="store_true", help="train (and probe) the Stage-1 runs, then stop")
     p.add_argument("--report", action="store_true", help="only gather finished variants into the study files")
+    p.add_argument(
+        "--sampler", action="store_true", help="also the sampler-side rows, from the `default` run"
+    )
     args = common_settings(p.parse_args(argv))
     if args.smoke:
         args.minutes = args.vae_minutes = "null"  # the smoke overrides budget by steps
@@ -207,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     chosen = [v for v in VARIANTS if args.only is None or v[0] in args.only]
     for key, _, _, s1, overrides in chosen[i::n]:
         run_variant(args, key, s1, overrides)
+    if args.sampler:
+        for key, _, _, generation in SAMPLER:
+            run_sampler_variant(args, key, generation)
     if n == 1:
         report(args)
 

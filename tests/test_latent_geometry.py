@@ -65,3 +65,23 @@ def test_token_probe_reads_what_a_latent_carries():
     assert previous.accuracy[-1] == 1.0 and previous.accuracy[0] < 0.3
     with pytest.raises(ValueError, match="patch_size"):
         token_probe(SimpleNamespace(config=SimpleNamespace(patch_size=2)), train, val)
+
+
+@pytest.mark.parametrize("posterior", ["logsnr", "diagonal"])
+@torch.no_grad()
+def test_project_latents_is_identity_on_encoder_outputs_and_idempotent(posterior):
+    torch.manual_seed(0)
+    vae = TextVAE(vocab_size=30, dim=32, ffn_dim=64, num_heads=2, encoder_num_blocks=1, decoder_num_blocks=1,
+                  latent_dim=8, posterior=posterior, scaling_factor=1.7, shifting_factor=0.2).eval()  # fmt: skip
+    with torch.no_grad():  # pre-LN outputs well above LN's eps, as in a trained encoder
+        for param in vae.encoder.parameters():
+            param.add_(0.3 * torch.randn(param.shape))
+    z = vae.encode(torch.randint(0, 30, (2, 12))).latents
+    torch.testing.assert_close(vae.project_latents(z), z, atol=1e-4, rtol=1e-4)
+    x = torch.randn(2, 12, 8) * 3
+    once = vae.project_latents(x)
+    torch.testing.assert_close(vae.project_latents(once), once, atol=1e-5, rtol=1e-5)
+    raw = once / 1.7 + 0.2  # un-normalised: zero channel mean, RMS alpha
+    alpha = torch.sigmoid(vae.logsnr).sqrt() if posterior == "logsnr" else torch.tensor(1.0)
+    torch.testing.assert_close(raw.mean(-1), torch.zeros(2, 12), atol=1e-5, rtol=0)
+    torch.testing.assert_close(raw.square().mean(-1).sqrt(), alpha.expand(2, 12), atol=1e-5, rtol=1e-5)

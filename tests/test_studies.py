@@ -109,9 +109,17 @@ def test_cola_ar_mdm_study(study, runs, tmp_path):
 def test_levers_study(study, tmp_path):
     out = tmp_path / "l"
     args = ["--smoke", "--output-dir", str(out), "--only", "default", "token_history", "paper_fixed"]
-    study("study_levers").main(args)
+    study("study_levers").main([*args, "--sampler"])
     results = check_outputs(out, ["levers.png"])
-    assert set(results["variants"]) == {"default", "token_history", "paper_fixed"}
+    assert set(results["variants"]) == {
+        "default",
+        "token_history",
+        "paper_fixed",
+        "noise_1",
+        "project",
+        "cfg_high_t",
+        "cfg_low_t",
+    }
     for r in results["variants"].values():
         assert set(r["probe"]["with_context"]) == {"0.5", "0.7", "0.9"}
         assert 0 <= r["stage1_probe"]["own"] <= 1 and r["steps"] == 2

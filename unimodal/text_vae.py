@@ -368,6 +368,20 @@ class TextVAE(ModelMixin, ConfigMixin):
         """Prior-boundary normalisation ``(z - shift) * scale`` (never inverted before decoding)."""
         return (z - self.config.shifting_factor) * self.config.scaling_factor
 
+    def project_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, N, d) -> the nearest point of the set the encoder's mode lies on.
+
+        The mode is ``alpha * LN(h)`` (``alpha = sqrt(sigmoid(lambda))`` for the logsnr posterior, 1
+        for the diagonal one) with a non-affine LayerNorm: per latent, zero channel mean and an RMS of
+        ``alpha`` (up to LN's eps), i.e. a sphere in the zero-mean hyperplane. The projection undoes
+        the normalisation, centres, rescales to that RMS and normalises again."""
+        cfg = self.config
+        z = latents.float() / cfg.scaling_factor + cfg.shifting_factor  # un-normalised
+        centred = z - z.mean(-1, keepdim=True)
+        rms = centred.square().mean(-1, keepdim=True).clamp_min(1e-12).sqrt()
+        alpha = torch.exp(0.5 * F.logsigmoid(self.logsnr.float())) if cfg.posterior == "logsnr" else 1.0
+        return self.normalize(alpha * centred / rms).to(latents.dtype)
+
     def sample(
         self, encoded: TextVAEEncoderOutput, generator: torch.Generator | None = None, normalize: bool = True
     ) -> torch.Tensor:

@@ -38,7 +38,9 @@ Design choices
   reads it). In CFG steps the unconditional rows carry an invalid copy of the clean part, so
   both branches keep one batched forward. The released loop makes ``2K + 1`` passes per block.
   ``guidance_interval=[lo, hi]`` applies guidance only at steps whose noise level is in it (the
-  other steps run the conditional branch alone); ``noise_scale`` scales the initial noise.
+  other steps run the conditional branch alone); ``noise_scale`` scales the initial noise;
+  ``project_latents`` puts each finished block on the encoder's output sphere before it is decoded
+  and committed (``TextVAE.project_latents``).
 * **Prior extensions** (off in the release): a ``self_condition`` prior gets each Euler step's
   clean estimate ``x - t v`` (guided ``v``) at the next step of the block (none at the first); a
   ``history="tokens"`` prior is committed ``embed_history`` of the prompt's ids and of every block's
@@ -387,6 +389,8 @@ class BlockSampler:
                 eps, shifted, w, pin, prior_cache, k, step_callback, block_ids=blocks, pending=pending
             )
             calls += steps
+            if cfg.project_latents:  # onto the sphere the encoder's posterior mode lies on
+                x = text.vae.project_latents(x)
             # 3. decode the block with the VAE decoder's cache, sample its tokens
             logits = text.decode_logits(x, positions, decoder_cache, update_cache=True)
             ids = self._sample(logits, seen, generator)  # (B, bs*p)

@@ -56,6 +56,9 @@ class GenerationConfig:
     guidance_scale: float = 7.0  # CFG weight w (1 = no guidance, 0 = unconditional)
     guidance_interval: list[float] | None = None  # [lo, hi]: CFG only at noise levels t in it
     noise_scale: float = 1.0  # initial noise = noise_scale * eps (a "temperature" of the transport)
+    project_latents: bool = (
+        False  # put each finished block on the encoder's output sphere (TextVAE.project_latents)
+    )
     shift: float | None = None  # SD3-style time shift of the grid; None = the scheduler's own
     first_block: str = "clean_repaint"  # one of FIRST_BLOCK_STRATEGIES
     repaint_fraction: float = 0.5  # partial_repaint: fraction of the steps that re-noise known latents
