@@ -323,14 +323,12 @@ class BlockSampler:
         return prefix, prefix_valid, known, known_mask
 
     @staticmethod
-    def _history_ids(
-        rows: list[RowState], start: int, length: int, device, offset: bool = False
-    ) -> torch.Tensor:
-        """(B, length) the ids each row encodes from ``start`` (``offset``: from its prefix end, the
-        pinned part of the first block), 0 past their end (those slots are masked or overwritten)."""
+    def _history_ids(rows: list[RowState], length: int, device, after_prefix: bool = False) -> torch.Tensor:
+        """(B, length) the first ``length`` ids each row encodes (``after_prefix``: those after its
+        prefix, the first block's pinned part), 0 past their end (slots masked or overwritten)."""
         out = torch.zeros(len(rows), length, dtype=torch.long, device=device)
         for i, r in enumerate(rows):
-            lo = start + (r.prefix if offset else 0)
+            lo = r.prefix if after_prefix else 0
             ids = list(r.encode_ids[lo : lo + length])
             if ids:
                 out[i, : len(ids)] = torch.tensor(ids, device=device)
@@ -365,7 +363,7 @@ class BlockSampler:
             positions = torch.arange(prefix.shape[1], device=device).expand(batch, -1)  # (B, P)
             blocks = None if context is None else blk0 + positions // bs
             shifted = positions if context is None else pos0 + positions
-            history = self._history_ids(rows, 0, prefix.shape[1], device) if self.history_tokens else None
+            history = self._history_ids(rows, prefix.shape[1], device) if self.history_tokens else None
             history = prefix if history is None else self.prior.embed_history(history).float()
             pending = _Pending(history, shifted, prefix_valid, blocks)
             if not cfg.merge_commit:
@@ -398,8 +396,10 @@ class BlockSampler:
             # prior reads the block's tokens (the prompt's where they are pinned) through embed_history
             clean = x
             if self.history_tokens:
-                known_ids = self._history_ids(rows, 0, bs, device, offset=True) if k == 0 else ids
-                clean = self.prior.embed_history(torch.where(known_mask, known_ids, ids) if k == 0 else ids)
+                pinned = self._history_ids(rows, bs, device, after_prefix=True) if k == 0 else None
+                clean = self.prior.embed_history(
+                    ids if pinned is None else torch.where(known_mask, pinned, ids)
+                )
             ones = torch.ones(batch, bs, dtype=torch.bool, device=device)
             pending = _Pending(clean.float(), shifted, ones, blocks)
             if not cfg.merge_commit:
