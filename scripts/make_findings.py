@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 ORDER = ["vae_robustness", "first_block", "steps_cfg", "block_size", "loc_dim", "stage2_modes", "cola_ar_mdm",
-         "patch_parity"]  # fmt: skip
+         "patch_parity", "levers"]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

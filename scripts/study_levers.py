@@ -200,7 +200,7 @@ def report(args) -> None:
 
     write_study(
         out, "Levers of the toy-scale prior at equal wall clock",
-        "the paper's configuration is the reference; the levers are this project's issue-8 ablations",
+        "Joint DiT x1 is best among the Stage-2 modes; the rest are this project's levers (training hygiene, self-conditioning, mixed block sizes, token-embedding history, latent geometry, sampler settings) on the toy-scale recipe",
         verdict, headers, rows, {"variants": {v[0]: r for v, r in done}, "minutes": args.minutes},
         {"levers.png": plot},
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Issue-8 levers on the prior: self-conditioning, token-embedding history, mixed training block sizes."""
+"""Prior extensions: self-conditioning, token-embedding history, mixed training block sizes, latent projection."""
 
 import pytest
 import torch
@@ -227,3 +227,13 @@ def test_mixed_block_sizes_draw_per_batch_and_shape_the_layout():
                 dict(block_sizes=[0], block_size_probs=[1.0])):  # fmt: skip
         with pytest.raises(ValueError, match="block_size"):
             FlowMatchingConfig(**bad)
+
+
+@torch.no_grad()
+def test_project_latents_puts_every_generated_block_on_the_encoder_sphere():
+    vae, prior = tiny()
+    out = sampler(vae, prior, project_latents=True).sample(PROMPTS, noise=noise_of(3))
+    plain = sampler(vae, prior).sample(PROMPTS, noise=noise_of(3))
+    for x, y in zip(out.block_latents, plain.block_latents):
+        torch.testing.assert_close(vae.project_latents(x), x, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(x, y, atol=1e-3)  # random weights: the raw blocks are off the sphere

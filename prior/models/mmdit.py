@@ -43,7 +43,7 @@ Design choices
   ``x0 = softmax(logits) @ token_latents`` (the latent of every token id, a buffer the recipe fills
   from a token-local Text VAE) and returns the velocity that estimate implies,
   ``(z_t - x0) / t``: the sampler and CFG see a velocity either way, the trainer a cross-entropy.
-* **Two extensions of the input** (issue levers; off by default, the release unchanged):
+* **Two extensions of the input** (levers of README "Levers at equal wall clock"; off by default, the release unchanged):
   ``self_condition`` adds ``embed_self_cond(x0_prev)``, the previous step's clean estimate through a
   zero-initialised linear (Chen et al.'s self-conditioning; the trainer feeds a no-grad first
   pass's estimate to half the batches, the sampler the last Euler step's); ``history="tokens"``
