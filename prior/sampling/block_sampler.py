@@ -42,10 +42,9 @@ Design choices
   ``project_latents`` puts each finished block on the encoder's output sphere before it is decoded
   and committed (``TextVAE.project_latents``).
 * **Prior extensions** (off in the release): a ``self_condition`` prior gets each Euler step's
-  clean estimate ``x - t v`` (guided ``v``) at the next step of the block (none at the first); a
-  ``history="tokens"`` prior is committed ``embed_history`` of the prompt's ids and of every block's
-  sampled ids (pinned prompt ids in the first block) instead of the clean latents, so a block is
-  decoded and sampled before it is committed.
+  clean estimate ``x - t v`` (guided ``v``) at the next step of the block; a ``history="tokens"``
+  prior is committed ``embed_history`` of the prompt's and each block's sampled ids (pinned prompt
+  ids in the first block) instead of clean latents, so its blocks are sampled before the commit.
 * **First block** when the prompt does not end on a block boundary (``first_block``):
 
   - ``clean_repaint`` (default): the prefix is the prompt's whole blocks; the first block's known
@@ -364,11 +363,8 @@ class BlockSampler:
             blocks = None if context is None else blk0 + positions // bs
             shifted = positions if context is None else pos0 + positions
             history = self._history_ids(rows, prefix.shape[1], device) if self.history_tokens else None
-            history = prefix if history is None else self.prior.embed_history(history).float()
-            pending = _Pending(history, shifted, prefix_valid, blocks)
-            if not cfg.merge_commit:
-                calls += self._commit(pending, prior_cache)
-                pending = None
+            history = prefix if history is None else self.prior.embed_history(history)
+            pending, calls = self._stage(history, shifted, prefix_valid, blocks, prior_cache, calls)
             text.decode_logits(prefix, positions, decoder_cache, prefix_valid, update_cache=True)
 
         guidance = torch.full((batch,), float(cfg.guidance_scale), device=device)
@@ -389,23 +385,21 @@ class BlockSampler:
             calls += steps
             if cfg.project_latents:  # onto the sphere the encoder's posterior mode lies on
                 x = text.vae.project_latents(x)
-            # 3. decode the block with the VAE decoder's cache, sample its tokens
+            # 3. commit the block to the prior cache (merged: in the next block's first step), decode
+            # it with the VAE decoder's cache and sample its tokens; a history="tokens" prior commits
+            # the embeddings of those tokens (the prompt's where they are pinned), so after sampling
+            ones = torch.ones(batch, bs, dtype=torch.bool, device=device)
+            if not self.history_tokens:
+                pending, calls = self._stage(x, shifted, ones, blocks, prior_cache, calls)
             logits = text.decode_logits(x, positions, decoder_cache, update_cache=True)
             ids = self._sample(logits, seen, generator)  # (B, bs*p)
-            # 4. commit it to the prior cache (merged: in the next block's first step); a history="tokens"
-            # prior reads the block's tokens (the prompt's where they are pinned) through embed_history
-            clean = x
             if self.history_tokens:
                 pinned = self._history_ids(rows, bs, device, after_prefix=True) if k == 0 else None
-                clean = self.prior.embed_history(
+                hist = self.prior.embed_history(
                     ids if pinned is None else torch.where(known_mask, pinned, ids)
                 )
-            ones = torch.ones(batch, bs, dtype=torch.bool, device=device)
-            pending = _Pending(clean.float(), shifted, ones, blocks)
-            if not cfg.merge_commit:
-                calls += self._commit(pending, prior_cache)
-                pending = None
-            # 5. apply the stop rule
+                pending, calls = self._stage(hist, shifted, ones, blocks, prior_cache, calls)
+            # 4. apply the stop rule
             new_tokens = [
                 rule.take(row, ids[i].tolist(), row.trim if k == 0 else 0) for i, row in enumerate(rows)
             ]
@@ -436,6 +430,16 @@ class BlockSampler:
         """Per-run constants start afresh (the weights may have changed since the last run)."""
         self._dtype = self.prior.dtype
         self._adaln_cache = AdaLNCache()
+
+    def _stage(
+        self, clean, positions, valid, blocks, cache: KVCache, calls: int
+    ) -> tuple[_Pending | None, int]:
+        """Clean latents (B, L, d) for the prior cache: pending for the next forward to commit
+        (merge_commit), or committed now by a pass of their own. -> (pending or None, prior calls)."""
+        pending = _Pending(clean.float(), positions, valid, blocks)
+        if self.config.merge_commit:
+            return pending, calls
+        return None, calls + self._commit(pending, cache)
 
     def _commit(self, seg: _Pending, cache: KVCache) -> int:
         """Write clean latents to the prior cache with a pass of their own (-> 1 prior call)."""
