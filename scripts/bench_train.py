@@ -87,7 +87,9 @@ print(json.dumps({"seconds": best, "tokens": ids.numel()}))
 # ----------------------------------------------------------------------------- models
 
 
-def build_models(seed: int = 0, attn_backend: str | None = None) -> tuple[ColaModel, ARTransformer, torch.Size]:
+def build_models(
+    seed: int = 0, attn_backend: str | None = None
+) -> tuple[ColaModel, ARTransformer, torch.Size]:
     """The Cola Stage-2 model and the AR baseline of the tiny configs (random weights); ``attn_backend``
     overrides the prior's (default: the config's)."""
     vae_run = load_run_config(CONFIGS / "vae_tiny.yaml")
