@@ -11,13 +11,14 @@ prior's clean estimate ``z_t - t v`` at those t, with and without history
 
 The rows (``VARIANTS``): the default recipe (categorical head, token-local VAE, block 4; two
 training seeds, so the run-to-run spread is visible), (a) hygiene: EMA off, warmdown schedule;
-(d) self-conditioning; (g) the paper recipe, ``fixed_vae`` vs ``joint``; (h) latent geometry:
-latent dim 8 / 4, KL weight x100, a decoder without history (``vae.decoder_window=1``, on the
-contextual VAE of the paper recipe); (i) block sizes mixed during training; (j) token-embedding
-history; and sampler-side settings on the trained default (f): noise scale, latents projected onto
-the encoder's output sphere, guidance only at high or low t. The levers measured at 9.5 minutes in README "Quality at toy scale" ((b) block size,
-(c) the auxiliary decoder loss, (e) ``p_uncond``, (f) noise scale and CFG weight, (k) the categorical head,
-Muon) are not repeated here.
+(b) prior block size 16 and 1; (c) the auxiliary decoder loss; (d) self-conditioning; (e) no
+context-free rows; (g) the paper recipe, ``fixed_vae`` vs ``joint``; (h) latent geometry: latent
+dim 8 / 4, KL weight x100, a decoder without history (``vae.decoder_window=1``, on the contextual
+VAE of the paper recipe); (i) block sizes mixed during training; (j) token-embedding history; and
+sampler-side settings on the trained default (f): noise scale, latents projected onto the
+encoder's output sphere, guidance only at high or low t. (k) off is the paper-recipe rows; the CFG
+weight, the categorical head at block 16 and Muon are measured at 9.5 minutes in README "Quality
+at toy scale".
 
 Two processes can share the machine (``--part 0/2`` and ``--part 1/2``, one thread each, so every
 run sees the same conditions); Stage 1 runs first in each part that needs it (``--stage1-only``
@@ -72,7 +73,12 @@ VARIANTS = [  # key, lever, label, Stage-1 run, cola_tiny.yaml overrides
     ("ema_off", "a", "EMA off (raw weights)", "vae_d16", [*RECIPE, "train.ema_decay=null"]),
     ("warmdown", "a", "warmdown schedule (released) instead of cosine", "vae_d16",
      [*RECIPE, "train.lr_schedule=warmdown"]),
+    ("block_16", "b", "prior block size 16 (the paper's)", "vae_d16", [*RECIPE, "prior.block_size=16"]),
+    ("block_1", "b", "prior block size 1", "vae_d16", [*RECIPE, "prior.block_size=1"]),
+    ("aux_decoder", "c", "auxiliary decoder CE on the clean estimate (weight 0.3)", "vae_d16",
+     [*RECIPE, "joint.aux_decoder_weight=0.3"]),
     ("self_cond", "d", "self-conditioning", "vae_d16", [*RECIPE, "prior.self_condition=true"]),
+    ("p_uncond_0", "e", "no context-free rows (p_uncond 0; default 0.1)", "vae_d16", [*RECIPE, "flow.p_uncond=0"]),
     ("mixed_blocks", "i", "block sizes 1/4/16 mixed in training (p 0.2/0.6/0.2)", "vae_d16",
      [*RECIPE, "flow.block_sizes=[1,4,16]", "flow.block_size_probs=[0.2,0.6,0.2]"]),
     ("token_history", "j", "history read as learned token embeddings", "vae_d16",
