@@ -186,9 +186,11 @@ def report(args) -> None:
         spread = (
             f"the two training seeds of the default differ by {abs(iv[0] - iv[1]):.3f} in-vocabulary words"
         )
+    (_, _, best_label, *_), best = max(done, key=lambda d: d[1]["samples"]["in_vocab"])
     verdict = (
-        f"{len(done)} variants at {args.minutes} minutes each (one thread, two runs side by side); {spread}. "
-        "See docs/findings_notes/levers.md for the reading."
+        f"{len(done)} variants at {args.minutes} minutes each (one thread, two runs side by side); {spread}; "
+        f"the most in-vocabulary words: **{best_label}** ({best['samples']['in_vocab']:.3f}, bigram "
+        f"{best['samples']['bigram_logprob']:.2f})"
     )
 
     def plot():
