@@ -208,7 +208,7 @@ QUICKSTART_RECIPES = {
         "vae": ["vae.encoder_context=token"],  # one latent per token id
         "cola": [
             "prior.prediction=categorical",  # token cross-entropy; velocity from the clean estimate
-            "prior.block_size=4",
+            "prior.block_size=1",  # one latent per block: the largest lever (README "Levers at equal wall clock")
             "generation.noise_scale=0.5",
         ],
     },
