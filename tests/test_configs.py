@@ -102,6 +102,6 @@ def test_quickstart_recipes_are_valid_config_overrides():
     cola = load_run_config(TEXT / "cola_tiny.yaml", cat["cola"])
     assert (cola.prior.prediction, cola.prior.block_size, cola.generation.noise_scale) == (
         "categorical",
-        4,
+        1,
         0.5,
     )
