@@ -87,19 +87,15 @@ print(json.dumps({"seconds": best, "tokens": ids.numel()}))
 # ----------------------------------------------------------------------------- models
 
 
-def build_models(
-    seed: int = 0, attn_backend: str | None = None
-) -> tuple[ColaModel, ARTransformer, torch.Size]:
-    """The Cola Stage-2 model and the AR baseline of the tiny configs (random weights); ``attn_backend``
-    overrides the prior's (default: the config's)."""
+def build_models(seed: int = 0) -> tuple[ColaModel, ARTransformer, torch.Size]:
+    """The Cola Stage-2 model and the AR baseline of the tiny configs (random weights)."""
     vae_run = load_run_config(CONFIGS / "vae_tiny.yaml")
     cola_run = load_run_config(CONFIGS / "cola_tiny.yaml")
     ar_run = load_run_config(CONFIGS / "ar_tiny.yaml")
     vocab = vae_run.tokenizer.vocab_size
     torch.manual_seed(seed)
     vae = TextVAE(**{**dataclasses.asdict(vae_run.vae), "vocab_size": vocab})
-    prior_kwargs = {**dataclasses.asdict(cola_run.prior), "in_channels": [vae.config.latent_dim]}
-    prior = MMDiT(**{**prior_kwargs, **({"attn_backend": attn_backend} if attn_backend else {})})
+    prior = MMDiT(**{**dataclasses.asdict(cola_run.prior), "in_channels": [vae.config.latent_dim]})
     cola = ColaModel(vae, prior, cola_run.joint, cola_run.flow)
     ar = ARTransformer(**{**dataclasses.asdict(ar_run.ar), "vocab_size": vocab})
     shape = torch.Size((cola_run.train.batch_size, cola_run.data.seq_len))
