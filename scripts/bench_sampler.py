@@ -33,7 +33,7 @@ Design choices
   every pass; the end of each decoder pass marks a block boundary, so per-block call counts and
   block times come from the same marks for every loop (the prefill window is reported apart).
 * **Timing.** ``time.perf_counter`` around each generation (prompt encoding and prefill
-  included), one short warm-up generation of every loop first, ``torch.inference_mode``,
+  included), one short warm-up generation of every loop first, ``torch.no_grad`` (the sampler's own mode),
   default thread count (``--threads`` sets it: on a loaded machine one thread per process gives
   far steadier figures than OpenMP threads fighting for cores). Every run is repeated
   ``--repeats`` times, round-robin over the loops so that a change of load hits all of them
@@ -95,9 +95,10 @@ VAE_FLAGS = {
     "max_seq_len": ("vae.max_seq_len",),
 }  # fmt: skip
 
-LOOPS = ("cached", "unmerged", "cached_bf16", "recompute", "released")
+LOOPS = ("cached", "unmerged", "cached_autocast", "cached_bf16", "recompute", "released")
 LOOP_TITLES = {
-    "cached": "ours (merged)", "unmerged": "ours unmerged", "cached_bf16": "ours bf16",
+    "cached": "ours (merged)", "unmerged": "ours unmerged", "cached_autocast": "ours bf16 autocast",
+    "cached_bf16": "ours bf16 weights",
     "recompute": "recompute all", "released": "released loop",
 }  # fmt: skip
 
@@ -210,12 +211,13 @@ class CachedLoop:
     with merged commits, ``K + 1`` and a prefill pass with ``merge_commit=False``)."""
 
     def __init__(
-        self, vae: TextVAE, prior: MMDiT, steps: int, guidance: float, repetition_penalty: float, merge: bool = True
+        self, vae: TextVAE, prior: MMDiT, steps: int, guidance: float, repetition_penalty: float,
+        merge: bool = True, autocast: str | None = None,
     ):  # fmt: skip
         self.vae, self.prior = vae, prior
         self.settings = dict(
             num_inference_steps=steps, guidance_scale=guidance, repetition_penalty=repetition_penalty,
-            stop_on_eos=False, whole_blocks=True, merge_commit=merge,
+            stop_on_eos=False, whole_blocks=True, merge_commit=merge, autocast=autocast,
         )  # fmt: skip
 
     def generate(self, prompt: list[int], noise: torch.Tensor, bar: tqdm) -> tuple[list[int], torch.Tensor]:
@@ -364,7 +366,7 @@ def summarize(
     out["theoretical_pass_ratio_ar_over_cola"] = bs / (k + 1)  # K prior passes + 1 decoder pass per block
     for n in args.tokens:
         ours = by[("cached", n)]
-        for other in ("unmerged", "cached_bf16", "recompute", "released"):
+        for other in ("unmerged", "cached_autocast", "cached_bf16", "recompute", "released"):
             if (other, n) not in by:
                 continue
             ref = by[(other, n)]
@@ -373,10 +375,11 @@ def summarize(
             same = sum(a == b for a, b in zip(ours.token_ids, ref.token_ids))
             out[f"token_agreement_{other}@{n}"] = same / len(ours.token_ids)
             out[f"max_latent_diff_{other}@{n}"] = float((ours.latents - ref.latents.float()).abs().max())
-        if ("cached_bf16", n) in by and ("released", n) in by:
-            out[f"bf16_speedup_vs_released@{n}"] = (
-                by[("cached_bf16", n)].tokens_per_s / by[("released", n)].tokens_per_s
-            )
+        for low in ("cached_autocast", "cached_bf16"):
+            if (low, n) in by and ("released", n) in by:
+                out[f"{low}_speedup_vs_released@{n}"] = (
+                    by[(low, n)].tokens_per_s / by[("released", n)].tokens_per_s
+                )
         out[f"distinct_tokens@{n}"] = len(set(ours.token_ids))
         passes = ours.prior_calls + ours.decoder_calls
         out[f"passes_per_token@{n}"] = passes / ours.new_tokens  # prior + decoder, prefill included
@@ -386,9 +389,11 @@ def summarize(
     out["last_over_first_block"] = times[-1] / times[0]
     head, tail = sorted(times[:4]), sorted(times[-4:])
     out["last_over_first_block_median4"] = tail[len(tail) // 2] / head[len(head) // 2]
+    fastest_ar = max((a for a in (ar, ar_bf16) if a is not None), key=lambda a: a.tokens_per_s, default=None)
     for name, result, loop in (
         ("cola_over_ar", ar, "cached"),
         ("cola_bf16_over_ar_bf16", ar_bf16, "cached_bf16"),
+        ("cola_autocast_over_fastest_ar", fastest_ar, "cached_autocast"),
     ):
         cola = None if result is None else by.get((loop, result.new_tokens))
         if cola is not None:
@@ -405,7 +410,7 @@ def format_table(report: BenchReport) -> str:
         f"CFG={s['guidance']} | fp32 (bf16: the bf16 rows) | batch 1 | prompt {s['prompt_len']} | "
         f"{s['threads']} threads",
         "",
-        f"{'loop':<15}{'new tok':>8}{'time s':>9}{'tok/s':>9}{'prior/blk':>10}{'dec/blk':>8}"
+        f"{'loop':<19}{'new tok':>8}{'time s':>9}{'tok/s':>9}{'prior/blk':>10}{'dec/blk':>8}"
         f"{'prior/tok':>10}{'dec/tok':>8}{'prefill p/d':>12}{'same tok':>9}",
     ]
     for r in sorted(report.runs, key=lambda r: (r.new_tokens, LOOPS.index(r.loop))):
@@ -416,23 +421,24 @@ def format_table(report: BenchReport) -> str:
             agree = summ[f"token_agreement_{r.loop}@{r.new_tokens}"]
             same = "yes" if summ[f"same_tokens_{r.loop}@{r.new_tokens}"] else f"{agree:.0%}"
         lines.append(
-            f"{LOOP_TITLES[r.loop]:<15}{r.new_tokens:>8}{r.seconds:>9.2f}{r.tokens_per_s:>9.1f}"
+            f"{LOOP_TITLES[r.loop]:<19}{r.new_tokens:>8}{r.seconds:>9.2f}{r.tokens_per_s:>9.1f}"
             f"{per_blk:>10.1f}{dec_blk:>8.1f}{per_blk / bs:>10.3f}{dec_blk / bs:>8.3f}"
             f"{r.prefill_prior_calls:>6}/{r.prefill_decoder_calls:<5}{same:>9}"
         )
     for a in (report.ar, report.ar_bf16):
         if a is not None:
             lines.append(
-                f"{'AR (Llama) ' + ('bf16' if a.dtype == 'bfloat16' else 'fp32'):<15}{a.new_tokens:>8}{a.seconds:>9.2f}"
+                f"{'AR (Llama) ' + ('bf16' if a.dtype == 'bfloat16' else 'fp32'):<19}{a.new_tokens:>8}{a.seconds:>9.2f}"
                 f"{a.tokens_per_s:>9.1f}{'':>10}{'':>8}{a.forward_calls / a.new_tokens:>10.3f}{'-':>8}"
             )
     lines.append("")
     for n in s["tokens"]:
         parts = [f"merged / {other} = {summ[f'speedup_vs_{other}@{n}']:.2f}x"
                  for other in ("recompute", "released", "unmerged") if f"speedup_vs_{other}@{n}" in summ]  # fmt: skip
-        if f"bf16_speedup_vs_released@{n}" in summ:
-            parts.append(f"bf16 / released = {summ[f'bf16_speedup_vs_released@{n}']:.2f}x (bf16 tokens = fp32 "
-                         f"tokens at {summ[f'token_agreement_cached_bf16@{n}']:.0%} of positions)")  # fmt: skip
+        for low in ("cached_autocast", "cached_bf16"):
+            if f"{low}_speedup_vs_released@{n}" in summ:
+                parts.append(f"{LOOP_TITLES[low]} / released = {summ[f'{low}_speedup_vs_released@{n}']:.2f}x (its "
+                             f"tokens = fp32 tokens at {summ[f'token_agreement_{low}@{n}']:.0%} of positions)")  # fmt: skip
         parts.append(f"passes/token (prior + decoder) {summ[f'passes_per_token@{n}']:.3f}")
         lines.append(f"@{n} tokens: " + "; ".join(parts))
     lines.append(
@@ -440,13 +446,16 @@ def format_table(report: BenchReport) -> str:
         f"{summ['last_block_s'] * 1e3:.1f} ms, last/first {summ['last_over_first_block']:.2f} "
         f"(median of 4: {summ['last_over_first_block_median4']:.2f})"
     )
+    fastest = max((a for a in (report.ar, report.ar_bf16) if a is not None), key=lambda a: a.tokens_per_s,
+                  default=None)  # fmt: skip
     for name, a, label in (
-        ("cola_over_ar", report.ar, "fp32"),
-        ("cola_bf16_over_ar_bf16", report.ar_bf16, "bf16"),
+        ("cola_over_ar", report.ar, "Cola fp32 / AR fp32"),
+        ("cola_bf16_over_ar_bf16", report.ar_bf16, "Cola bf16 weights / AR bf16"),
+        ("cola_autocast_over_fastest_ar", fastest, "Cola bf16 autocast / the faster AR"),
     ):
         if a is not None and f"{name}_tokens_per_s" in summ:
             lines.append(
-                f"vs AR ({a.num_parameters / 1e6:.2f}M params, {label}) at {a.new_tokens} tokens: Cola/AR tokens/s = "
+                f"vs AR ({a.num_parameters / 1e6:.2f}M params) at {a.new_tokens} tokens: {label} tokens/s = "
                 f"{summ[f'{name}_tokens_per_s']:.2f}x"
             )
     lines.append(
@@ -554,13 +563,16 @@ def _run(args: argparse.Namespace, prior_run: RunConfig, vae_run: RunConfig) -> 
     }
     for name in args.skip:
         del loops[name]
-    if not args.no_bf16:  # the same weights rounded to bf16 (what a bf16 pipeline runs)
+    if not args.no_bf16:  # fp32 weights, the prior's matmuls in bf16; the weights rounded to bf16
+        loops["cached_autocast"] = CachedLoop(vae, prior, *common, autocast="bfloat16")
         loops["cached_bf16"] = CachedLoop(
             copy.deepcopy(vae).to(torch.bfloat16), copy.deepcopy(prior).to(torch.bfloat16), *common
         )
     progress = not args.no_progress
     runs, ar, ar_bf16 = [], None, None
-    with torch.inference_mode():
+    with (
+        torch.no_grad()
+    ):  # what the sampler runs under (inference_mode would defeat autocast's weight-cast cache)
         for name, loop in loops.items():  # warm-up: two blocks of every loop
             measure(name, loop, prompt, noise[:2], progress=False)
         for n in args.tokens:
@@ -575,7 +587,7 @@ def _run(args: argparse.Namespace, prior_run: RunConfig, vae_run: RunConfig) -> 
                 ar_bf16 = run_autoregressive(args, prompt, args.ar_tokens, args.repeats, torch.bfloat16)
         if ar is not None and ar.new_tokens not in args.tokens:  # Cola at the AR token count too
             blocks = noise[: ar.new_tokens // args.block_size]
-            for name in ("cached", "cached_bf16") if not args.no_bf16 else ("cached",):
+            for name in ("cached", "cached_autocast", "cached_bf16") if not args.no_bf16 else ("cached",):
                 runs.append(best_of([measure(name, loops[name], prompt, blocks, progress)
                                      for _ in range(args.repeats)]))  # fmt: skip
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -588,7 +588,8 @@ class MMDiT(ModelMixin, ConfigMixin):
         if t.shape[1] > 1:  # per-token timesteps over the joint sequence: the text segment's
             start = sum(v.shape[1] for m, v in xs.items() if list(xs).index(m) < list(xs).index("text"))
             t = t[:, start : start + z_t.shape[1]]
-        x0 = logits.softmax(-1) @ self.token_latents.float()  # (B, L_text, C)
+        with torch.autocast(z_t.device.type, enabled=False):  # x0 in fp32 under a bf16 autocast too
+            x0 = logits.softmax(-1) @ self.token_latents.float()  # (B, L_text, C)
         tt = (t.float() / 1000.0)[..., None]  # (B, L_text or 1, 1)
         velocity = torch.where(tt > 0, (z_t.float() - x0) / tt.clamp_min(1e-4), torch.zeros_like(x0))
         out = {**out, "text": velocity.to(z_t.dtype)}

@@ -65,6 +65,11 @@ Design choices
   over); ``shift`` puts the missing ``(-n) % p`` pad ids *before* the prompt instead, so the
   prompt ends on a patch boundary and generation starts right after its last token (the pads are
   part of the prompt: encoded, seen, trimmed). ``scripts/study_patch_parity.py`` compares them.
+* **bf16 autocast** (``autocast="bfloat16"``): the prior's forwards run under ``torch.autocast``,
+  one region per block, so every weight is cast to bf16 once per block and the K passes reuse the
+  casts; norms, softmax, the categorical head's clean estimate and the Euler update stay fp32, the
+  VAE decoder (one pass per block) runs in its own dtype. README "Speed" gives its token agreement
+  with fp32 (``scripts/bench_precision.py``).
 * **Per-run constants**: the timestep embedding and every adaLN output of the K grid values
   (and of t = 0) are computed in the first block and reused (``AdaLNCache``); the prior's dtype
   is read once per run.
@@ -87,80 +92,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from modalities.text import TextModality
 from prior.models.timestep import AdaLNCache
 from prior.sampling.config import GenerationConfig
+from prior.sampling.outputs import BlockOutput, Context, Pending, SamplerOutput, StepState
 from prior.sampling.stopping import RowState, make_stop_rule
 from prior.sampling.tokens import apply_repetition_penalty, finite_logits, row_randn, sample_tokens
 from unimodal.kv_cache import KVCache
 
 NoiseSource = Sequence[torch.Tensor] | Callable[[int, tuple[int, ...]], torch.Tensor] | None
-
-
-# ----------------------------------------------------------------------------- outputs
-
-
-@dataclass
-class Context:
-    """Segments already in the prior's cache before the text segment (e.g. an image to caption)."""
-
-    cache: KVCache  # the prior cache, prefilled (committed) with the context segments
-    positions: torch.Tensor  # (B,) int64 position where the text segment starts in each row
-    blocks: torch.Tensor  # (B,) int64 block id of the text segment's first block
-    prior_calls: int = 0  # prior forwards spent on the context
-
-
-@dataclass
-class _Pending:
-    """Clean latents not yet in the prior cache: the prompt's whole blocks, or the block just
-    generated. With ``merge_commit`` the next prior forward carries them (t = 0) and commits them."""
-
-    x: torch.Tensor  # (B, Lp, d)
-    positions: torch.Tensor  # (B, Lp) prior positions
-    valid: torch.Tensor  # (B, Lp) bool
-    block_ids: torch.Tensor | None  # (B, Lp), or None: position // block_size
-
-
-@dataclass
-class StepState:
-    """What a step callback sees (after the Euler update of ``step`` in ``block``)."""
-
-    block: int
-    step: int
-    timestep: float  # grid value of this step (0..1000)
-    timesteps: torch.Tensor  # (B, bs) per-token timesteps fed to the prior (0 at pinned positions)
-    model_input: torch.Tensor  # (B, bs, d) latents fed to the prior (after pinning)
-    velocity_cond: torch.Tensor  # (B, bs, d)
-    velocity_uncond: torch.Tensor | None  # (B, bs, d); None when the block runs without guidance
-    velocity: torch.Tensor  # (B, bs, d) guided velocity
-    latents: torch.Tensor  # (B, bs, d) after the update (and re-pinning)
-
-
-@dataclass
-class BlockOutput:
-    """One generated block (what :meth:`BlockSampler.stream` yields)."""
-
-    block: int
-    token_ids: list[list[int]]  # new output tokens of this block per sample (may be empty)
-    sampled_ids: torch.Tensor  # (B, bs * p) all ids sampled in the block, pinned positions included
-    latents: torch.Tensor  # (B, bs, d) final latents of the block (decoded and committed)
-    finished: list[bool]  # per sample: ended by a stop id
-    num_prior_calls: int  # cumulative
-
-
-@dataclass
-class SamplerOutput:
-    token_ids: list[list[int]]  # generated tokens per sample (prompt tokens trimmed)
-    block_latents: list[torch.Tensor]  # per block (B, bs, d)
-    block_ids: list[torch.Tensor]  # per block (B, bs * p) untrimmed sampled ids
-    num_prior_calls: int
-    num_blocks: int
-    finished: list[bool]
-    trim: list[int]  # prompt tokens trimmed from each sample's first block
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -433,23 +376,36 @@ class BlockSampler:
 
     def _stage(
         self, clean, positions, valid, blocks, cache: KVCache, calls: int
-    ) -> tuple[_Pending | None, int]:
+    ) -> tuple[Pending | None, int]:
         """Clean latents (B, L, d) for the prior cache: pending for the next forward to commit
         (merge_commit), or committed now by a pass of their own. -> (pending or None, prior calls)."""
-        pending = _Pending(clean.float(), positions, valid, blocks)
+        pending = Pending(clean.float(), positions, valid, blocks)
         if self.config.merge_commit:
             return pending, calls
         return None, calls + self._commit(pending, cache)
 
-    def _commit(self, seg: _Pending, cache: KVCache) -> int:
+    def _commit(self, seg: Pending, cache: KVCache) -> int:
         """Write clean latents to the prior cache with a pass of their own (-> 1 prior call)."""
         zeros = torch.zeros(seg.x.shape[0], device=seg.x.device)  # t = 0
         self._prior(seg.x, zeros, seg.positions, cache, update=True, valid=seg.valid, block_ids=seg.block_ids)
         return 1
 
-    def _transport(
+    def _transport(self, eps, *args, **kwargs):
+        """K Euler steps on one block (:meth:`_transport_steps`), under the prior's autocast when
+        ``config.autocast`` is set: one region per block, so each weight is cast once per block."""
+        with self._autocast(eps.device):
+            return self._transport_steps(eps, *args, **kwargs)
+
+    def _autocast(self, device: torch.device):
+        """``config.autocast``'s region (prior forwards only); a no-op context when it is None."""
+        dtype = self.config.autocast
+        return torch.autocast(
+            device.type, dtype=getattr(torch, dtype or "bfloat16"), enabled=dtype is not None
+        )
+
+    def _transport_steps(
         self, eps, positions, w, pin, cache: KVCache, block: int, callback, block_ids=None, modality: str = "text",
-        rope=None, pending: _Pending | None = None,
+        rope=None, pending: Pending | None = None,
     ):  # fmt: skip
         """K Euler steps on one block of ``modality``. eps (B, bs, d), positions (B, bs), w (B,),
         block_ids (B, bs) or None (``position // block_size``); ``rope``: (cond, alone) RoPE
@@ -515,7 +471,7 @@ class BlockSampler:
         return x, len(sched.timesteps)
 
     def _merged_step(
-        self, x, tt, positions, alone, cache, guided: bool, block_ids, pending: _Pending, modality
+        self, x, tt, positions, alone, cache, guided: bool, block_ids, pending: Pending, modality
     ):
         """The first step of a block with the pending clean latents in front (module docstring).
 
@@ -557,10 +513,11 @@ class BlockSampler:
             extra["rope_positions"] = rope_positions
         if commit_tokens is not None:
             extra["commit_tokens"] = commit_tokens
-        out = self.prior(
-            {modality: x} if self.multimodal else x, t, positions=positions, valid=valid, kv_cache=cache,
-            update_cache=update, context_free_rows=context_free_rows, block_ids=block_ids, **extra,
-        )  # fmt: skip
+        with self._autocast(x.device):  # nested in a block's region, it keeps that region's weight casts
+            out = self.prior(
+                {modality: x} if self.multimodal else x, t, positions=positions, valid=valid, kv_cache=cache,
+                update_cache=update, context_free_rows=context_free_rows, block_ids=block_ids, **extra,
+            )  # fmt: skip
         return (out.velocity[modality] if self.multimodal else out.velocity).float()
 
     def _noise(self, noise: NoiseSource, block: int, batch: int, generator, device) -> torch.Tensor:

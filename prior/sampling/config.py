@@ -34,6 +34,7 @@ from pathlib import Path
 FIRST_BLOCK_STRATEGIES = ("clean_repaint", "partial_repaint", "left_pad", "right_pad")
 PATCH_BOUNDARIES = ("pin", "shift")  # a prompt that ends inside a patch (VAE patch size > 1)
 STOP_RULES = ("first_stop", "released")
+AUTOCAST_DTYPES = ("bfloat16",)  # GenerationConfig.autocast
 CONFIG_NAME = "generation_config.json"
 
 # The released benchmark's numbers, and the released loop's behaviours.
@@ -64,6 +65,8 @@ class GenerationConfig:
     repaint_fraction: float = 0.5  # partial_repaint: fraction of the steps that re-noise known latents
     pad_prompt_to_block: bool = False  # repaint: encode the prompt right-padded to a block (released)
     merge_commit: bool = True  # commit each clean block inside the next block's first step (K passes/block)
+    autocast: str | None = None  # "bfloat16": the prior's matmuls in bf16 under torch.autocast (weights,
+    # norms, softmax and the Euler update stay fp32; the VAE decoder runs in its own dtype); None: off
     patch_boundary: str = "pin"  # one of PATCH_BOUNDARIES: pin the padded partial patch | shift the prompt
     temperature: float = 0.0  # 0 = greedy
     top_k: int | None = None  # None/0 = off
@@ -103,6 +106,11 @@ class GenerationConfig:
         check(self.top_p is None or 0.0 < self.top_p <= 1.0, "top_p", "in (0, 1] (or None)")
         check(self.repetition_penalty > 0, "repetition_penalty", "> 0")
         check(self.stop_rule in STOP_RULES, "stop_rule", f"one of {STOP_RULES}")
+        check(
+            self.autocast is None or self.autocast in AUTOCAST_DTYPES,
+            "autocast",
+            f"one of {AUTOCAST_DTYPES} or None",
+        )
         if self.pad_prompt_to_block and self.first_block not in ("clean_repaint", "partial_repaint"):
             raise ValueError(
                 f"pad_prompt_to_block applies to clean/partial repaint, not first_block={self.first_block!r}"
@@ -155,6 +163,7 @@ class GenerationConfig:
 
 
 __all__ = [
+    "AUTOCAST_DTYPES",
     "CONFIG_NAME",
     "FIRST_BLOCK_STRATEGIES",
     "PATCH_BOUNDARIES",
