@@ -128,8 +128,9 @@ DTYPES = ("float32", "bfloat16")
 def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=DTYPES, default="float32",
-        help="weights of every model (bfloat16: AMX on CPUs that have it; ~98%% token agreement with fp32 "
-        "on the tiny velocity prior, README 'Sampler speed')",
+        help="weights of every model (bfloat16: AMX/avx512-bf16 on CPUs that have it; 94-98%% token agreement "
+        "with fp32 on the paper recipe, 88-90%% on the quickstart's, README 'Speed'; --autocast bfloat16 "
+        "keeps the weights fp32 and runs the prior's matmuls in bf16)",
     )  # fmt: skip
 
 

@@ -93,6 +93,10 @@ def test_ar_and_summary_figures(report):
     s = rep.summary
     assert s["theoretical_pass_ratio_ar_over_cola"] == pytest.approx(BS / (K + 1))
     assert rep.ar_bf16.dtype == "bfloat16" and "cola_bf16_over_ar_bf16_tokens_per_s" in s
+    fastest = max(rep.ar.tokens_per_s, rep.ar_bf16.tokens_per_s)
+    assert s["cola_autocast_over_fastest_ar_tokens_per_s"] == pytest.approx(
+        rep.run("cached_autocast", 12).tokens_per_s / fastest
+    )
     assert s["speedup_vs_released@16"] == pytest.approx(
         rep.run("cached", 16).tokens_per_s / rep.run("released", 16).tokens_per_s
     )
@@ -158,3 +162,12 @@ def test_models_come_from_the_configs_and_flags_override_them(bench):
     assert vae.config.posterior == "logsnr" and vae.config.block_size == 1  # from vae_tiny.yaml
     with pytest.raises(ValueError, match="config file not found"):
         bench.main([*TINY, "--prior-config", str(ROOT / "missing.yaml")])
+
+
+def test_precision_agreement_counts_positions_and_lengths():
+    """bench_precision's agreement: equal positions over the longer continuation, identical rows."""
+    bench_precision = _load_script("bench_precision")
+    tokens, rows = bench_precision.agreement([[1, 2, 3, 4], [5, 6]], [[1, 2, 0, 4], [5, 6]])
+    assert (tokens, rows) == (5 / 6, 0.5)
+    tokens, rows = bench_precision.agreement([[1, 2, 3]], [[1, 2]])  # a shorter row disagrees at its end
+    assert (tokens, rows) == (2 / 3, 0.0)

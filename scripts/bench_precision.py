@@ -1,0 +1,144 @@
+"""Token agreement of bf16 sampling with fp32 on trained checkpoints: which bf16 mode is safe.
+
+For every run folder given (a Stage-2 run or a pipeline export with the run's ``config.yaml``), the
+held-out prompts of its data (the first ``--num-prompts`` validation documents with enough tokens,
+as ``unimodal eval-samples`` picks them) are continued three ways with the same noise (the same
+generator seed) and greedy decoding:
+
+* **fp32**: the reference;
+* **bf16 autocast** (``GenerationConfig.autocast="bfloat16"``): fp32 weights, the prior's matmuls in
+  bf16, norms, softmax, the categorical head's clean estimate, the Euler update and the VAE decoder
+  in fp32;
+* **bf16 weights** (``pipe.to(torch.bfloat16)``, ``unimodal sample --dtype bfloat16``): every model's
+  weights and activations in bf16.
+
+Reported per run and seed: the share of generated positions whose token equals fp32's (position by
+position, up to the shorter of the two continuations), the share of prompts whose whole
+continuation is identical, and tokens/s of the batch (all prompts in one call). The README "Speed"
+section quotes the figures and the default follows them: bf16 autocast is the default only for the
+recipes where its agreement holds.
+
+    python scripts/bench_precision.py runs/q_b1/cola runs/levers/paper_fixed
+    python scripts/bench_precision.py runs/q_b1/cola --seeds 0 --num-prompts 8 --json precision.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from prior.checkpoints.released import load_pipeline
+from prior.training.run_config import load_run_config
+from unimodal.text_data import load_documents
+
+MODES = ("fp32", "bf16 autocast", "bf16 weights")
+
+
+def held_out_prompts(run: Path, tokenizer, num: int, prompt_tokens: int, new_tokens: int) -> list[str]:
+    """The first ``num`` validation documents of the run's data long enough for prompt + continuation,
+    cut to their first ``prompt_tokens`` tokens (``prior.eval.samples.generation_report``'s choice)."""
+    cfg = load_run_config(run / "config.yaml")
+    _, val_texts = load_documents(cfg.data)
+    prompts = []
+    for text in val_texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= prompt_tokens + new_tokens:
+            prompts.append(tokenizer.decode(ids[:prompt_tokens]))
+        if len(prompts) == num:
+            return prompts
+    raise ValueError(
+        f"{run}: only {len(prompts)} held-out documents have {prompt_tokens + new_tokens} tokens"
+    )
+
+
+def agreement(ref: Sequence[Sequence[int]], other: Sequence[Sequence[int]]) -> tuple[float, float]:
+    """(share of equal tokens position by position, share of identical continuations)."""
+    equal = total = 0
+    for a, b in zip(ref, other):
+        n = min(len(a), len(b))
+        equal += sum(x == y for x, y in zip(a[:n], b[:n]))
+        total += max(len(a), len(b))  # a length difference counts as disagreement
+    same = sum(list(a) == list(b) for a, b in zip(ref, other))
+    return equal / max(total, 1), same / len(ref)
+
+
+def measure_run(run: Path, args: argparse.Namespace) -> dict:
+    pipes = {"fp32": load_pipeline(run)}
+    pipes["bf16 autocast"] = pipes["fp32"]
+    pipes["bf16 weights"] = load_pipeline(run).to(torch.bfloat16)
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    base = pipes["fp32"].resolve_generation_config(None, max_new_tokens=args.max_new_tokens)
+    configs = {"fp32": base, "bf16 autocast": base.replace(autocast="bfloat16"), "bf16 weights": base}
+    prompts = held_out_prompts(
+        run, pipes["fp32"].tokenizer, args.num_prompts, args.prompt_tokens, args.max_new_tokens
+    )
+    rows = []
+    for seed in args.seeds:
+        ids, speed = {}, {}
+        for mode in MODES:
+            start = time.perf_counter()
+            out = pipes[mode](
+                prompts, configs[mode], generator=torch.Generator().manual_seed(seed), output_type="ids"
+            )
+            seconds = time.perf_counter() - start
+            ids[mode] = out.token_ids
+            speed[mode] = sum(len(t) for t in out.token_ids) / seconds
+        for mode in MODES[1:]:
+            tokens, texts = agreement(ids["fp32"], ids[mode])
+            rows.append(dict(seed=seed, mode=mode, token_agreement=tokens, identical_continuations=texts,
+                             tokens_per_s=speed[mode], fp32_tokens_per_s=speed["fp32"]))  # fmt: skip
+    prior = pipes["fp32"].prior.config
+    recipe = f"{prior.prediction} prior, DiT block {prior.block_size}, K={base.num_inference_steps}, CFG {base.guidance_scale}"
+    return {"run": str(run), "recipe": recipe, "prompts": len(prompts), "rows": rows}
+
+
+def format_report(results: list[dict], args: argparse.Namespace) -> str:
+    lines = [
+        f"bf16 vs fp32 sampling | {args.num_prompts} held-out prompts x {args.max_new_tokens} new tokens | "
+        f"greedy, same noise | seeds {args.seeds} | {torch.get_num_threads()} threads",
+        "",
+        f"{'run':<28}{'recipe':<44}{'mode':<15}{'token agreement':>17}{'identical':>11}{'tok/s (fp32)':>16}",
+    ]
+    for res in results:
+        for mode in MODES[1:]:
+            rows = [r for r in res["rows"] if r["mode"] == mode]
+            agree = " / ".join(f"{r['token_agreement']:.1%}" for r in rows)
+            same = " / ".join(f"{r['identical_continuations']:.0%}" for r in rows)
+            speed = sum(r["tokens_per_s"] for r in rows) / len(rows)
+            base = sum(r["fp32_tokens_per_s"] for r in rows) / len(rows)
+            lines.append(f"{res['run']:<28}{res['recipe']:<44}{mode:<15}{agree:>17}{same:>11}"
+                         f"{f'{speed:.0f} ({base:.0f})':>16}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", type=Path, nargs="+", help="Stage-2 run folders (with config.yaml)")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    results = [measure_run(run, args) for run in args.runs]
+    print(format_report(results, args))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
