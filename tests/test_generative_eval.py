@@ -102,7 +102,7 @@ def test_released_preset_is_one_switch():
         "repetition_penalty": 1.1, "stop_on_eos": True, "whole_blocks": True, "pad_prompt_to_block": True,
         "finite_logits": True, "stop_rule": "released", "skip_special_tokens": False, "stop_token_ids": None,
         "pad_token_id": None, "guidance_interval": None, "noise_scale": 1.0, "merge_commit": True,
-        "project_latents": False,
+        "project_latents": False, "autocast": None,  # the released loop runs fp32
         "patch_boundary": "pin",  # merged commits give the released tokens; pin is the released layout
     }  # fmt: skip
     assert ours["stop_rule"] == "first_stop" and ours["whole_blocks"] is False and ours["shift"] is None
