@@ -392,7 +392,8 @@ class BlockSampler:
 
     def _transport(self, eps, *args, **kwargs):
         """K Euler steps on one block (:meth:`_transport_steps`), under the prior's autocast when
-        ``config.autocast`` is set: one region per block, so each weight is cast once per block."""
+        ``config.autocast`` is set: one region per block, so each weight is cast once per block (a
+        step callback runs inside the region too)."""
         with self._autocast(eps.device):
             return self._transport_steps(eps, *args, **kwargs)
 
