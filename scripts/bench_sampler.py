@@ -11,7 +11,9 @@ becomes an override of that config. Prints:
    against the same sampler unmerged (``merge_commit=False``: ``K + 1`` and a prefill pass), against
    ``RecomputeLoop`` (no cache: every denoising step re-runs the prior over the whole
    ``[context | block]`` sequence, and every block re-runs the VAE decoder over everything), and
-   ours with the weights in bf16 (AMX on CPUs that have it), with its token agreement to fp32;
+   ours with the prior's matmuls in bf16 (``GenerationConfig.autocast``, fp32 weights) and with every
+   weight in bf16 (AMX / avx512-bf16 on CPUs that have them), each with its token agreement to fp32
+   (on trained checkpoints: ``scripts/bench_precision.py``), and the autocast row over the faster AR;
 2. the first and the last block time of our sampler at the longest run;
 3. prior and VAE-decoder passes per block and per token of every loop (prefill included);
 4. tokens/s of ours against ``ReleasedLoop``, the released inference loop (docs/released-format.md
