@@ -10,7 +10,11 @@ generator seed) and greedy decoding:
   bf16, norms, softmax, the categorical head's clean estimate, the Euler update and the VAE decoder
   in fp32;
 * **bf16 weights** (``pipe.to(torch.bfloat16)``, ``unimodal sample --dtype bfloat16``): every model's
-  weights and activations in bf16.
+  weights and activations in bf16;
+* **fp32, one prompt at a time** (``--alone-seeds``, default the first seed): fp32 again, each prompt
+  in a batch of its own. Every prompt draws its noise from its own generator (one per prompt, seeded
+  by seed and index), so this differs from the batched fp32 run only by float reordering: the
+  floor against which the bf16 agreement is read.
 
 Reported per run and seed: the share of generated positions whose token equals fp32's (position by
 position, up to the shorter of the two continuations), the share of prompts whose whole
@@ -19,7 +23,7 @@ section quotes the figures and the default follows them: bf16 autocast is the de
 recipes where its agreement holds.
 
     python scripts/bench_precision.py runs/q_b1/cola runs/levers/paper_fixed
-    python scripts/bench_precision.py runs/q_b1/cola --seeds 0 --num-prompts 8 --json precision.json
+    python scripts/bench_precision.py runs/q_b1/cola --seeds 0 --num-prompts 8 --alone-seeds --json p.json
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from prior.training.run_config import load_run_config
 from unimodal.text_data import load_documents
 
 MODES = ("fp32", "bf16 autocast", "bf16 weights")
+ALONE = "fp32 one by one"
 
 
 def held_out_prompts(run: Path, tokenizer, num: int, prompt_tokens: int, new_tokens: int) -> list[str]:
@@ -54,6 +59,11 @@ def held_out_prompts(run: Path, tokenizer, num: int, prompt_tokens: int, new_tok
     raise ValueError(
         f"{run}: only {len(prompts)} held-out documents have {prompt_tokens + new_tokens} tokens"
     )
+
+
+def generators(seed: int, rows) -> list[torch.Generator]:
+    """One generator per prompt (row ``i`` of run ``seed``): a row's noise never depends on its batch."""
+    return [torch.Generator().manual_seed(seed * 100_003 + i) for i in rows]
 
 
 def agreement(ref: Sequence[Sequence[int]], other: Sequence[Sequence[int]]) -> tuple[float, float]:
@@ -78,18 +88,24 @@ def measure_run(run: Path, args: argparse.Namespace) -> dict:
     prompts = held_out_prompts(
         run, pipes["fp32"].tokenizer, args.num_prompts, args.prompt_tokens, args.max_new_tokens
     )
+    alone_seeds = args.seeds[:1] if args.alone_seeds is None else args.alone_seeds
     rows = []
     for seed in args.seeds:
         ids, speed = {}, {}
         for mode in MODES:
             start = time.perf_counter()
-            out = pipes[mode](
-                prompts, configs[mode], generator=torch.Generator().manual_seed(seed), output_type="ids"
-            )
-            seconds = time.perf_counter() - start
+            gens = generators(seed, range(len(prompts)))
+            out = pipes[mode](prompts, configs[mode], generator=gens, output_type="ids")
             ids[mode] = out.token_ids
-            speed[mode] = sum(len(t) for t in out.token_ids) / seconds
-        for mode in MODES[1:]:
+            speed[mode] = sum(len(t) for t in out.token_ids) / (time.perf_counter() - start)
+        modes = MODES[1:]
+        if seed in alone_seeds:  # fp32 again, each prompt in a batch of its own
+            start = time.perf_counter()
+            ids[ALONE] = [pipes["fp32"]([p], base, generator=generators(seed, [i]), output_type="ids").token_ids[0]
+                          for i, p in enumerate(prompts)]  # fmt: skip
+            speed[ALONE] = sum(len(t) for t in ids[ALONE]) / (time.perf_counter() - start)
+            modes = (*modes, ALONE)
+        for mode in modes:
             tokens, texts = agreement(ids["fp32"], ids[mode])
             rows.append(dict(seed=seed, mode=mode, token_agreement=tokens, identical_continuations=texts,
                              tokens_per_s=speed[mode], fp32_tokens_per_s=speed["fp32"]))  # fmt: skip
@@ -103,16 +119,18 @@ def format_report(results: list[dict], args: argparse.Namespace) -> str:
         f"bf16 vs fp32 sampling | {args.num_prompts} held-out prompts x {args.max_new_tokens} new tokens | "
         f"greedy, same noise | seeds {args.seeds} | {torch.get_num_threads()} threads",
         "",
-        f"{'run':<28}{'recipe':<44}{'mode':<15}{'token agreement':>17}{'identical':>11}{'tok/s (fp32)':>16}",
+        f"{'run':<28}{'recipe':<46}{'mode':<15}{'token agreement':>17}{'identical':>11}{'tok/s (fp32)':>16}",
     ]
     for res in results:
-        for mode in MODES[1:]:
+        for mode in (*MODES[1:], ALONE):
             rows = [r for r in res["rows"] if r["mode"] == mode]
+            if not rows:
+                continue
             agree = " / ".join(f"{r['token_agreement']:.1%}" for r in rows)
             same = " / ".join(f"{r['identical_continuations']:.0%}" for r in rows)
             speed = sum(r["tokens_per_s"] for r in rows) / len(rows)
             base = sum(r["fp32_tokens_per_s"] for r in rows) / len(rows)
-            lines.append(f"{res['run']:<28}{res['recipe']:<44}{mode:<15}{agree:>17}{same:>11}"
+            lines.append(f"{res['run']:<28}{res['recipe']:<46}{mode:<15}{agree:>17}{same:>11}"
                          f"{f'{speed:.0f} ({base:.0f})':>16}")  # fmt: skip
     return "\n".join(lines)
 
@@ -124,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--alone-seeds", type=int, nargs="*", default=None,
+                   help="seeds that also run fp32 one prompt at a time (default: the first seed; none: no value)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     return p
