@@ -77,6 +77,7 @@ _FLAG_HELP = {
     "temperature": "0 = greedy",
     "shift": "time shift of the grid (default: the scheduler's)",
     "stop_token_ids": "ids that end a sample (default: EOS, <|im_end|>)",
+    "autocast": "bfloat16: the prior's matmuls in bf16, weights fp32 (default off: README 'Speed')",
 }
 
 
