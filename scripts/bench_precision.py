@@ -37,28 +37,12 @@ from pathlib import Path
 import torch
 
 from prior.checkpoints.released import load_pipeline
+from prior.eval.samples import held_out_prompts
 from prior.training.run_config import load_run_config
 from unimodal.text_data import load_documents
 
 MODES = ("fp32", "bf16 autocast", "bf16 weights")
 ALONE = "fp32 one by one"
-
-
-def held_out_prompts(run: Path, tokenizer, num: int, prompt_tokens: int, new_tokens: int) -> list[str]:
-    """The first ``num`` validation documents of the run's data long enough for prompt + continuation,
-    cut to their first ``prompt_tokens`` tokens (``prior.eval.samples.generation_report``'s choice)."""
-    cfg = load_run_config(run / "config.yaml")
-    _, val_texts = load_documents(cfg.data)
-    prompts = []
-    for text in val_texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) >= prompt_tokens + new_tokens:
-            prompts.append(tokenizer.decode(ids[:prompt_tokens]))
-        if len(prompts) == num:
-            return prompts
-    raise ValueError(
-        f"{run}: only {len(prompts)} held-out documents have {prompt_tokens + new_tokens} tokens"
-    )
 
 
 def generators(seed: int, rows) -> list[torch.Generator]:
@@ -85,8 +69,9 @@ def measure_run(run: Path, args: argparse.Namespace) -> dict:
         pipe.set_progress_bar_config(disable=True)
     base = pipes["fp32"].resolve_generation_config(None, max_new_tokens=args.max_new_tokens)
     configs = {"fp32": base, "bf16 autocast": base.replace(autocast="bfloat16"), "bf16 weights": base}
-    prompts = held_out_prompts(
-        run, pipes["fp32"].tokenizer, args.num_prompts, args.prompt_tokens, args.max_new_tokens
+    _, val_texts = load_documents(load_run_config(run / "config.yaml").data)
+    prompts, _ = held_out_prompts(
+        pipes["fp32"].tokenizer, val_texts, args.num_prompts, args.prompt_tokens, args.max_new_tokens
     )
     alone_seeds = args.seeds[:1] if args.alone_seeds is None else args.alone_seeds
     rows = []

@@ -148,6 +148,24 @@ class GenerationReport:
         return "\n".join(lines)
 
 
+def held_out_prompts(
+    tokenizer, val_texts: Sequence[str], num: int, prompt_tokens: int, new_tokens: int
+) -> tuple[list[str], list[str]]:
+    """The first ``num`` held-out documents with ``prompt_tokens + new_tokens`` tokens, as (prompts:
+    their first ``prompt_tokens`` tokens, references: the next ``new_tokens``), decoded."""
+    prompts, references = [], []
+    for text in val_texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= prompt_tokens + new_tokens:
+            prompts.append(tokenizer.decode(ids[:prompt_tokens]))
+            references.append(tokenizer.decode(ids[prompt_tokens : prompt_tokens + new_tokens]))
+        if len(prompts) == num:
+            break
+    if not prompts:
+        raise ValueError(f"no held-out document has {prompt_tokens + new_tokens} tokens")
+    return prompts, references
+
+
 @torch.no_grad()
 def generation_report(
     pipe,
@@ -166,16 +184,7 @@ def generation_report(
     config = pipe.resolve_generation_config(generation_config, **overrides)
     new_tokens = config.max_new_tokens
     tok = pipe.tokenizer
-    prompts, references = [], []
-    for text in val_texts:
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        if len(ids) >= prompt_tokens + new_tokens:
-            prompts.append(tok.decode(ids[:prompt_tokens]))
-            references.append(tok.decode(ids[prompt_tokens : prompt_tokens + new_tokens]))
-        if len(prompts) == num_prompts:
-            break
-    if not prompts:
-        raise ValueError(f"no held-out document has {prompt_tokens + new_tokens} tokens")
+    prompts, references = held_out_prompts(tok, val_texts, num_prompts, prompt_tokens, new_tokens)
     start = time.perf_counter()
     out = pipe(prompts, config, generator=torch.Generator().manual_seed(seed))
     seconds = time.perf_counter() - start
